@@ -1,0 +1,5 @@
+import sys
+
+from alignmerge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The merge-method interface: a method merges one tensor at a time from already-loaded inputs.
+
+Planning (which tensors, which parameters) and I/O live in alignmerge.plan / alignmerge.executor;
+a method only sees one tensor's inputs, resolved parameters and statistics, and returns the merge.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+REQUIRED = object()
+"""Default marking a parameter that the config must give."""
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method needs to merge the tensor called ``name``.
+
+    ``models`` holds one tensor per model of the config's ``models`` list (storage dtype,
+    any device); ``base`` is the base/anchor tensor, or None for methods without one.
+    ``params[k]`` are model k's parameters and ``method_params`` the method's global
+    parameters, both already resolved for this tensor name (mergekit-style filters applied).
+    ``stats[kind][k]`` is model k's statistic of that kind (e.g. "fisher") for this tensor.
+    ``element_offset`` is the flat index of the first element when the executor merges a
+    tensor in row chunks, so that counter-based randomness (DARE) is chunk-invariant.
+    """
+
+    name: str
+    models: list[torch.Tensor]
+    params: list[dict[str, Any]]
+    method_params: dict[str, Any]
+    base: torch.Tensor | None = None
+    stats: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    seed: int = 0
+    tensor_index: int = 0
+    element_offset: int = 0
+
+
+class MergeMethod(ABC):
+    """A merge method; subclasses cite their formula in the class docstring."""
+
+    name: ClassVar[str]
+    needs_base: ClassVar[bool] = False
+    model_parameters: ClassVar[dict[str, Any]] = {}
+    """Per-model parameter names and defaults (REQUIRED if the config must set them)."""
+    method_parameters: ClassVar[dict[str, Any]] = {}
+    """Method-wide parameter names and defaults."""
+    stats: ClassVar[tuple[str, ...]] = ()
+    """Kinds of per-model statistics the method reads (e.g. ("fisher",))."""
+    elementwise: ClassVar[bool] = True
+    """True if the merge of a row block depends only on that block (so tensors may be chunked)."""
+
+    @abstractmethod
+    def merge(self, inputs: TensorInputs, *, out_dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
+        """Return the merged tensor for ``inputs`` in ``out_dtype``."""
