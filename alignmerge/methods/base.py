@@ -54,5 +54,6 @@ class MergeMethod(ABC):
     """True if the merge of a row block depends only on that block (so tensors may be chunked)."""
 
     @abstractmethod
-    def merge(self, inputs: TensorInputs, *, out_dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
-        """Return the merged tensor for ``inputs`` in ``out_dtype``."""
+    def merge(self, inputs: TensorInputs, *, out_dtype: torch.dtype, out: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
+        """Return the merged tensor for ``inputs`` in ``out_dtype`` (written into ``out`` if given)."""

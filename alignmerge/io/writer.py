@@ -1,0 +1,179 @@
+"""Sharded safetensors output laid out in advance, so tensors stream to disk as they are merged.
+
+The plan knows every output tensor's name, shape and dtype before the first merge, so each shard's
+header and byte layout are fixed up front: files are allocated at full size (disk-full fails at the
+start, not after an hour) and every tensor (or row block of one) is written with pwrite at its offset.
+Shards follow Hugging Face naming (``model-00001-of-00003.safetensors`` + ``model.safetensors.index.json``,
+or a single ``model.safetensors``).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignmerge.errors import AlignMergeError
+from alignmerge.io.safetensors_file import DTYPE_NAMES
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536870912, 1000 -> 1000."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}; use e.g. 2GB, 500MB or 1GiB") from None
+    if unit not in SIZE_UNITS or value <= 0:
+        raise ValueError(f"invalid size {text!r}; use e.g. 2GB, 500MB or 1GiB")
+    return int(value * SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class _Slot:
+    file: Path
+    offset: int  # absolute offset of the tensor's first byte in its file
+    nbytes: int
+    row_bytes: int
+
+
+class ShardedWriter:
+    """Writes the planned tensors into pre-laid-out safetensors shards inside ``directory``."""
+
+    def __init__(self, directory: str | Path, tensors: list[OutputTensor], *, max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        groups: list[list[OutputTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if groups[-1] and size + t.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        self.shard_names = (["model.safetensors"] if n == 1
+                            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.slots: dict[str, _Slot] = {}
+        self.shard_of: dict[str, str] = {}
+        self.shard_tensors: dict[str, list[str]] = {}
+        self._layouts = []
+        for shard_name, group in zip(self.shard_names, groups):
+            header, offset = {}, 0
+            for t in group:
+                header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [offset, offset + t.nbytes]}
+                offset += t.nbytes
+            header["__metadata__"] = self.metadata
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            start = 8 + len(blob)
+            path = self.directory / shard_name
+            for t in group:
+                rows = t.shape[0] if t.shape else 1
+                self.slots[t.name] = _Slot(path, start + header[t.name]["data_offsets"][0], t.nbytes,
+                                           t.nbytes // rows if rows else 0)
+                self.shard_of[t.name] = shard_name
+            self.shard_tensors[shard_name] = [t.name for t in group]
+            self._layouts.append((path, blob, start + offset))
+        self.total_bytes = sum(t.nbytes for t in tensors)
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(size for _p, _b, size in self._layouts)
+
+    def open(self, *, keep_existing: set[str] = frozenset()) -> None:
+        """Create (or, for resumed shards in ``keep_existing``, reopen) every shard at full size."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path, blob, size in self._layouts:
+            resume = path.name in keep_existing
+            fd = os.open(path, os.O_RDWR | (0 if resume else os.O_CREAT | os.O_TRUNC), 0o644)
+            self._fds[path] = fd
+            if resume:
+                continue
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise AlignMergeError(
+                        f"{path}: not enough disk space for the output ({size / 1e9:.2f} GB for this shard; "
+                        f"{shutil.disk_usage(self.directory).free / 1e9:.2f} GB free)"
+                    ) from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, size)
+            self._pwrite(fd, path, struct.pack("<Q", len(blob)) + blob, 0)
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write ``tensor`` (the whole output tensor, or rows from ``row_start``) at its planned place."""
+        slot = self.slots[name]
+        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        offset = slot.offset + row_start * slot.row_bytes
+        if offset + data.numel() > slot.offset + slot.nbytes:
+            raise ValueError(f"write of {data.numel()} bytes overflows the slot of {name!r}")
+        self._pwrite(self._fds[slot.file], slot.file, memoryview(data.numpy()), offset)
+
+    def _pwrite(self, fd: int, path: Path, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise AlignMergeError(f"{path}: disk full while writing the output") from None
+            raise AlignMergeError(f"{path}: write failed ({exc.strerror or exc})") from None
+
+    def shard_checksum(self, shard_name: str) -> str:
+        """sha256 of a finished shard file (recorded for --resume)."""
+        h = hashlib.sha256()
+        with open(self.directory / shard_name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def sync_shard(self, shard_name: str) -> None:
+        os.fsync(self._fds[self.directory / shard_name])
+
+    def close(self) -> None:
+        """fsync and close the shards, and write the HF index when there is more than one."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        if len(self.shard_names) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(self.shard_of)}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
