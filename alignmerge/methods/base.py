@@ -37,6 +37,8 @@ class TensorInputs:
     seed: int = 0
     tensor_index: int = 0
     element_offset: int = 0
+    state: Any = None
+    """Whole-tensor statistics from ``MergeMethod.prepass`` when the tensor is merged in chunks."""
 
 
 class MergeMethod(ABC):
@@ -52,6 +54,9 @@ class MergeMethod(ABC):
     """Kinds of per-model statistics the method reads (e.g. ("fisher",))."""
     elementwise: ClassVar[bool] = True
     """True if the merge of a row block depends only on that block (so tensors may be chunked)."""
+    prepass: ClassVar[Any] = None
+    """Optional ``prepass(inputs) -> state``: for chunked tensors, called on every chunk (with the state
+    so far in ``inputs.state``) before the merge pass, for whole-tensor statistics such as TIES thresholds."""
 
     @abstractmethod
     def merge(self, inputs: TensorInputs, *, out_dtype: torch.dtype, out: torch.Tensor | None = None,

@@ -1,0 +1,182 @@
+"""Execution: run a MergePlan tensor by tensor with bounded memory, prefetching the next inputs.
+
+A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused
+buffers while the current unit merges (no fresh allocations, so no first-touch page faults on the
+hot path); results stream to the ShardedWriter. Peak memory ~ two units of inputs + one output.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from alignmerge.errors import NonFiniteError
+from alignmerge.io.writer import ShardedWriter
+from alignmerge.methods import TensorInputs
+from alignmerge.plan import MergePlan, TensorTask
+
+
+@dataclass
+class WorkUnit:
+    task: TensorTask
+    rows: tuple[int, int]
+    prepass: bool = False  # True: accumulate the method's whole-tensor statistics over this chunk
+
+
+class BufferPool:
+    """Reusable uint8 host buffers, one per (slot, input); grown only when a larger unit arrives."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def get(self, slot: int, key: int, nbytes: int) -> torch.Tensor:
+        buf = self._buffers.get((slot, key))
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+            self._buffers[(slot, key)] = buf
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._buffers.values())
+
+
+def _nonfinite(x: torch.Tensor) -> bool:
+    """Cheap NaN/Inf test: one fp32 reduction, confirmed exactly if it is not finite."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return False
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(x).all())
+
+
+def _rounds(src: torch.dtype, dst: torch.dtype) -> bool:
+    """True if casting src -> dst changes values (ops compute in fp32, so widening casts are skipped)."""
+    return src != dst and not (dst in (torch.float32, torch.float64) and src.itemsize <= dst.itemsize)
+
+
+class Executor:
+    """Runs the plan's tasks through the method and into the writer."""
+
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, *, device: str = "cpu", backend: str | None = None,
+                 seed: int = 0, allow_nonfinite: bool = False, prefetch: bool = True,
+                 on_progress: Callable[[int], None] | None = None,
+                 on_tensor_done: Callable[[str], None] | None = None):
+        self.plan = plan
+        self.writer = writer
+        self.device = torch.device(device)
+        self.backend = backend
+        self.seed = seed
+        self.allow_nonfinite = allow_nonfinite
+        self.prefetch = prefetch
+        self.on_progress = on_progress or (lambda n: None)
+        self.on_tensor_done = on_tensor_done or (lambda name: None)
+        self.pool = BufferPool(pin=self.device.type == "cuda")
+        self._out_buffers: dict[int, torch.Tensor] = {}
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # ---- unit schedule -------------------------------------------------------------------
+    def units(self, tasks: list[TensorTask]) -> Iterator[WorkUnit]:
+        method = self.plan.method
+        for task in tasks:
+            if len(task.chunks) > 1 and getattr(method, "prepass", None) is not None:
+                for rows in task.chunks:
+                    yield WorkUnit(task, rows, prepass=True)
+            for rows in task.chunks:
+                yield WorkUnit(task, rows)
+
+    def _read(self, unit: WorkUnit, slot: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        task = unit.task
+        rows = None if unit.rows == (0, task.shape[0] if task.shape else 1) else unit.rows
+        if task.copy_from_reference:
+            ref = self.plan.reference
+            return [ref.read(task.name, rows=rows, out=self.pool.get(slot, 0, ref.nbytes(task.name)))], None
+        tensors = []
+        for k, ck in enumerate(self.plan.models):
+            tensors.append(ck.read(task.name, rows=rows, out=self.pool.get(slot, k, ck.nbytes(task.name))))
+        base = None
+        if self.plan.base is not None:
+            ck = self.plan.base
+            base = ck.read(task.name, rows=rows, out=self.pool.get(slot, len(tensors), ck.nbytes(task.name)))
+        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
+        return tensors, base
+
+    # ---- main loop -----------------------------------------------------------------------
+    def run(self, tasks: list[TensorTask] | None = None) -> None:
+        tasks = self.plan.tasks if tasks is None else tasks
+        units = list(self.units(tasks))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignmerge-prefetch") if self.prefetch else None
+        try:
+            pending: Future | None = None
+            if pool is not None and units:
+                pending = pool.submit(self._read, units[0], 0)
+            state: dict[int, object] = {}
+            for i, unit in enumerate(units):
+                if pool is not None:
+                    data = pending.result()
+                    if i + 1 < len(units):
+                        pending = pool.submit(self._read, units[i + 1], (i + 1) % 2)
+                else:
+                    data = self._read(unit, 0)
+                self._process(unit, *data, state)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _process(self, unit: WorkUnit, tensors: list[torch.Tensor], base: torch.Tensor | None,
+                 state: dict[int, object]) -> None:
+        task = unit.task
+        if task.copy_from_reference:
+            self.writer.write(task.name, tensors[0], unit.rows[0])
+            self._done(unit, tensors[0].numel() * tensors[0].element_size())
+            return
+        if not self.allow_nonfinite:
+            for label, x in [(ck.path, t) for ck, t in zip(self.plan.models, tensors)] + (
+                    [(self.plan.base.path, base)] if base is not None else []):
+                if _nonfinite(x):
+                    raise NonFiniteError(f"{label}: tensor {task.name!r} contains NaN or Inf "
+                                         "(pass --allow-nonfinite to merge it anyway)")
+        if self.device.type != "cpu":
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+            base = base.to(self.device, non_blocking=True) if base is not None else None
+        cast = self.plan.config.dtype
+        if cast is not None:
+            tensors = [t.to(cast) if _rounds(t.dtype, cast) else t for t in tensors]
+            base = base.to(cast) if base is not None and _rounds(base.dtype, cast) else base
+        row_len = math.prod(task.shape[1:]) if task.shape else 1
+        inputs = TensorInputs(
+            name=task.name, models=tensors, params=task.params, method_params=task.method_params, base=base,
+            seed=self.seed, tensor_index=task.index, element_offset=unit.rows[0] * row_len,
+            state=state.get(task.index),
+        )
+        if unit.prepass:
+            state[task.index] = self.plan.method.prepass(inputs)
+            return
+        out = self._out_buffer(task, unit)
+        merged = self.plan.method.merge(inputs, out_dtype=task.out_dtype, out=out, backend=self.backend)
+        if not self.allow_nonfinite and _nonfinite(merged):
+            raise NonFiniteError(f"merged tensor {task.name!r} contains NaN or Inf")
+        self.writer.write(task.name, merged, unit.rows[0])
+        if unit.rows[1] == (task.shape[0] if task.shape else 1):
+            state.pop(task.index, None)
+        self._done(unit, merged.numel() * merged.element_size())
+
+    def _out_buffer(self, task: TensorTask, unit: WorkUnit) -> torch.Tensor:
+        shape = (unit.rows[1] - unit.rows[0], *task.shape[1:]) if task.shape else ()
+        nbytes = math.prod(shape) * task.out_dtype.itemsize
+        buf = self._out_buffers.get(0)
+        if buf is None or buf.numel() < nbytes or buf.device != self.device:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            self._out_buffers[0] = buf
+        return buf[:nbytes].view(task.out_dtype).view(shape)
+
+    def _done(self, unit: WorkUnit, nbytes: int) -> None:
+        self.bytes_written += nbytes
+        self.on_progress(nbytes)
+        if unit.rows[1] == (unit.task.shape[0] if unit.task.shape else 1):
+            self.on_tensor_done(unit.task.name)
