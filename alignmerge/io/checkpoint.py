@@ -45,6 +45,16 @@ class Checkpoint:
         else:
             raise CheckpointError(f"{self.path}: no model.safetensors, {SAFE_INDEX} or pytorch_model.bin found")
 
+    @classmethod
+    def from_file(cls, file: str | Path) -> "Checkpoint":
+        """A checkpoint over one safetensors file (e.g. a PEFT adapter), with no config.json."""
+        self = cls.__new__(cls)
+        self.path = Path(file).parent
+        self.config = {}
+        self._bin_state = None
+        self._entries, _ = read_header(file)
+        return self
+
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
         if not cfg.exists():

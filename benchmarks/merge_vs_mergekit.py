@@ -1,0 +1,77 @@
+"""alignmerge vs mergekit on three random Llama-shaped bf16 checkpoints (default ~0.54B parameters each).
+
+Runs linear and ties through both tools in one run, each as a separate process, and prints wall
+time, peak RSS (the child's ru_maxrss) and the speed ratio. Checkpoints are written once under
+--work and reused; both tools then read them from the page cache.
+
+    python benchmarks/merge_vs_mergekit.py [--layers 28] [--hidden 1024] [--methods linear ties]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_llama import copy_rate_gbs, run_measured, write_llama_family  # noqa: E402
+
+
+def config_for(method: str, base: Path, experts: list[Path]) -> dict:
+    models = [{"model": str(e), "parameters": {"weight": 1.0 / len(experts) if method == "linear" else 1.0,
+                                               **({"density": 0.5} if method == "ties" else {})}}
+              for e in experts]
+    cfg = {"merge_method": method, "models": models, "dtype": "bfloat16"}
+    if method != "linear":
+        cfg["base_model"] = str(base)
+        cfg["parameters"] = {"normalize": True}
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/alignmerge-bench/merge_vs_mergekit")
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--methods", nargs="+", default=["linear", "ties"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    heads = max(1, args.hidden // 64)
+    base, experts = write_llama_family(work / "models", n_experts=3, hidden=args.hidden,
+                                       intermediate=args.intermediate, layers=args.layers, vocab=args.vocab,
+                                       heads=heads, kv_heads=heads)
+    from alignmerge.io import Checkpoint
+
+    ck = Checkpoint(base)
+    n_params = sum(ck.nbytes(n) for n in ck.names()) // 2
+    print(f"checkpoints: 3 experts + base, {n_params / 1e6:.0f}M parameters each (bf16), in {work / 'models'}")
+    print(f"memory copy rate (read+write): {copy_rate_gbs():.1f} GB/s")
+    print(f"{'method':<8} {'tool':<11} {'wall s':>8} {'peak RSS GB':>12}")
+    for method in args.methods:
+        cfg_path = work / f"{method}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config_for(method, base, experts)))
+        results = {}
+        out = work / f"out-{method}-alignmerge"
+        shutil.rmtree(out, ignore_errors=True)
+        results["alignmerge"] = run_measured([sys.executable, "-m", "alignmerge", "merge", str(cfg_path), str(out),
+                                              "--threads", str(args.threads), "--no-progress"])
+        if not args.skip_mergekit and shutil.which("mergekit-yaml"):
+            out = work / f"out-{method}-mergekit"
+            shutil.rmtree(out, ignore_errors=True)
+            results["mergekit"] = run_measured([shutil.which("mergekit-yaml"), str(cfg_path), str(out), "--quiet",
+                                                "--num-threads", str(args.threads)])
+        for tool, (wall, rss, code) in results.items():
+            print(f"{method:<8} {tool:<11} {wall:8.2f} {rss:12.2f}" + ("" if code == 0 else f"  (exit {code})"))
+        if "mergekit" in results and results["mergekit"][2] == 0 and results["alignmerge"][2] == 0:
+            print(f"{method:<8} speed-up   {results['mergekit'][0] / results['alignmerge'][0]:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
