@@ -119,16 +119,19 @@ class ShardedWriter:
             if resume:
                 continue
             try:
-                os.posix_fallocate(fd, 0, size)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    os.ftruncate(fd, size)
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise AlignMergeError(
                         f"{path}: not enough disk space for the output ({size / 1e9:.2f} GB for this shard; "
-                        f"{shutil.disk_usage(self.directory).free / 1e9:.2f} GB free)"
+                        f"{shutil.disk_usage(self.directory).free / 1e9:.2f} GB free, or a file size limit)"
                     ) from None
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.ftruncate(fd, size)
+                raise AlignMergeError(f"{path}: cannot allocate the output shard ({exc.strerror or exc})") from None
             self._pwrite(fd, path, struct.pack("<Q", len(blob)) + blob, 0)
 
     def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
@@ -147,8 +150,8 @@ class ShardedWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise AlignMergeError(f"{path}: disk full while writing the output") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise AlignMergeError(f"{path}: disk full (or file size limit reached) while writing the output") from None
             raise AlignMergeError(f"{path}: write failed ({exc.strerror or exc})") from None
 
     def shard_checksum(self, shard_name: str) -> str:

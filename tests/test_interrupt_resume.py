@@ -1,0 +1,115 @@
+"""Interruption (SIGINT, SIGKILL) and --resume give byte-identical output; a full disk fails cleanly."""
+import filecmp
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def medium_models(tmp_path_factory):
+    """Three fp32 Llamas (~25M parameters each), big enough that a merge takes a moment."""
+    root = tmp_path_factory.mktemp("medium")
+    kw = dict(dtype=__import__("torch").float32, hidden=512, layers=4, vocab=16000, intermediate=1024,
+              heads=8, kv_heads=4)
+    base = make_tiny_llama(root / "base", seed=0, **kw)
+    experts = [make_tiny_llama(root / f"e{i}", seed=i + 1, **kw) for i in range(2)]
+    cfg = root / "ties.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(base),
+        "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
+        "out_dtype": "float32"}))
+    return cfg
+
+
+def _merge_cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "alignmerge", "merge", str(cfg), str(out), "--no-progress",
+            "--out-shard-size", "2MB", "--threads", "1", "--no-prefetch", *extra]
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupt_then_resume_is_byte_identical(sig, medium_models, tmp_path):
+    reference = tmp_path / "reference"
+    assert subprocess.run(_merge_cmd(medium_models, reference)).returncode == 0
+
+    out = tmp_path / "interrupted"
+    staging = tmp_path / ".interrupted.partial"
+    proc = subprocess.Popen(_merge_cmd(medium_models, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    progress = staging / "progress.json"
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(progress.read_text())["shards"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "merge finished before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    if sig == signal.SIGINT:
+        assert "--resume" in proc.stderr.read()
+    assert not out.exists(), "an interrupted merge must not look finished"
+    assert staging.exists()
+    done = len(json.loads(progress.read_text())["shards"])
+    assert done >= 2
+
+    resumed = subprocess.run(_merge_cmd(medium_models, out, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not staging.exists()
+    assert _same_tree(out, reference)
+
+
+def test_resume_without_partial_output_is_an_error(medium_models, tmp_path):
+    proc = subprocess.run(_merge_cmd(medium_models, tmp_path / "o", "--resume"), capture_output=True, text=True)
+    assert proc.returncode != 0 and "nothing to resume" in proc.stderr
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_fails_cleanly(medium_models, tmp_path):
+    out = tmp_path / "full"
+    proc = subprocess.run(_merge_cmd(medium_models, out), capture_output=True, text=True,
+                          preexec_fn=_limit_file_size(1_000_000))
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "disk" in err or "file size" in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / ".full.partial").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_disk_full_on_small_tmpfs(medium_models, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        proc = subprocess.run(_merge_cmd(medium_models, mnt / "out"), capture_output=True, text=True)
+        assert proc.returncode != 0 and "disk" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])
