@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import threading
@@ -92,28 +93,39 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
                    default=str).encode()).hexdigest()
     check_preflight_disk(plan, staged.final.parent, writer.file_bytes if not staged.resume else 0)
 
+    rank, world = distributed_context(device)
+    if world > 1:
+        if resume:
+            raise AlignMergeError("--resume is not supported in a distributed (torchrun) merge; rerun it whole")
+        if device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    mine = {s for i, s in enumerate(writer.shard_names) if i % world == rank}
+
     with _sigterm_as_interrupt():
-        staged.prepare()
+        if rank == 0:
+            staged.prepare()
+        _barrier(world)
         progress_state = staged.load_progress()
         done_shards = _verified_shards(writer, progress_state, layout_key)
-        writer.open(keep_existing=set(done_shards))
-        tasks = [t for t in plan.tasks if writer.shard_of[t.name] not in done_shards]
-        remaining = {s: set(names) for s, names in writer.shard_tensors.items() if s not in done_shards}
+        tasks = [t for t in plan.tasks if writer.shard_of[t.name] in mine and writer.shard_of[t.name] not in done_shards]
+        remaining = {s: set(names) for s, names in writer.shard_tensors.items() if s in mine and s not in done_shards}
 
         def tensor_done(name: str) -> None:
             shard = writer.shard_of[name]
             remaining[shard].discard(name)
-            if not remaining[shard]:
+            if not remaining[shard] and world == 1:
                 writer.sync_shard(shard)
                 done_shards[shard] = writer.shard_checksum(shard)
                 staged.save_progress({"layout": layout_key, "shards": done_shards})
 
         bar = tqdm(total=sum(t.nbytes for t in tasks), unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"merge ({config.merge_method})", disable=not progress)
+                   desc=f"merge ({config.merge_method})", disable=not progress or rank != 0)
         executor = Executor(plan, writer, device=device, backend=backend, seed=seed,
                             allow_nonfinite=allow_nonfinite, prefetch=prefetch, on_progress=bar.update,
                             on_tensor_done=tensor_done)
+        failure: BaseException | None = None
         try:
+            writer.open(keep_existing=set(done_shards), only=mine)
             executor.run(tasks)
             writer.close()
         except KeyboardInterrupt:
@@ -123,15 +135,55 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
                 f"interrupted; partial output kept in {staged.staging} (completed shards: {len(done_shards)}); "
                 "rerun with --resume to continue"
             ) from None
-        except BaseException:
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
             writer.abort()
-            bar.close()
-            staged.discard()
-            raise
+            failure = exc
         bar.close()
-        _write_metadata(plan, config, staged.staging)
-        final = staged.commit()
-    return MergeResult(final, len(plan.tasks), executor.bytes_read, executor.bytes_written, writer.shard_names)
+        if not _all_ranks_ok(failure is None, world):
+            if rank == 0:
+                staged.discard()
+            if failure is not None:
+                raise failure
+            raise AlignMergeError("merge failed on another rank; see its error")
+        if rank == 0:
+            writer.write_index()
+            _write_metadata(plan, config, staged.staging)
+            staged.commit()
+        _barrier(world)
+    return MergeResult(staged.final, len(plan.tasks), executor.bytes_read, executor.bytes_written, writer.shard_names)
+
+
+def distributed_context(device: str = "cpu") -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed from torchrun's environment when needed.
+
+    gloo on CPU, NCCL on CUDA. A single process returns (0, 1).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_ranks_ok(ok: bool, world: int) -> bool:
+    if world == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _verified_shards(writer: ShardedWriter, progress: dict, layout_key: str) -> dict[str, str]:

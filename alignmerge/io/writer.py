@@ -109,10 +109,15 @@ class ShardedWriter:
     def file_bytes(self) -> int:
         return sum(size for _p, _b, size in self._layouts)
 
-    def open(self, *, keep_existing: set[str] = frozenset()) -> None:
-        """Create (or, for resumed shards in ``keep_existing``, reopen) every shard at full size."""
+    def open(self, *, keep_existing: set[str] = frozenset(), only: set[str] | None = None) -> None:
+        """Create (or, for resumed shards in ``keep_existing``, reopen) the shards at full size.
+
+        ``only`` restricts this writer to a subset of shards (one rank of a distributed merge).
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         for path, blob, size in self._layouts:
+            if only is not None and path.name not in only:
+                continue
             resume = path.name in keep_existing
             fd = os.open(path, os.O_RDWR | (0 if resume else os.O_CREAT | os.O_TRUNC), 0o644)
             self._fds[path] = fd
@@ -166,11 +171,14 @@ class ShardedWriter:
         os.fsync(self._fds[self.directory / shard_name])
 
     def close(self) -> None:
-        """fsync and close the shards, and write the HF index when there is more than one."""
+        """fsync and close this writer's shards."""
         for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
         self._fds.clear()
+
+    def write_index(self) -> None:
+        """Write the HF index when there is more than one shard."""
         if len(self.shard_names) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(self.shard_of)}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
