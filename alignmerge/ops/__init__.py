@@ -1,2 +1,3 @@
 """Hot ops behind one dispatch function each (torch reference, C++ on CPU, Triton on CUDA)."""
 from alignmerge.ops.fisher import fisher_accumulate  # noqa: F401
+from alignmerge.ops.projector import apply_operator, cg_step, project, project_factors  # noqa: F401
