@@ -1,0 +1,115 @@
+"""Small Llama models for the zoo and the CPU training loop (pretraining and supervised fine-tuning).
+
+Pair records are trained on their response tokens only (prompt masked, as in SFT); text records on
+every token. Mixtures are sampled per batch by weight, so a fine-tune sees e.g. 10% safety replay.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from alignmerge.zoo.corpora import format_pair
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 96
+
+
+def new_model(shape: ModelShape, vocab_size: int, seed: int, tokenizer=None):
+    """A freshly initialised ``LlamaForCausalLM`` (untied embeddings, fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.max_positions, tie_word_embeddings=False, initializer_range=0.02,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def encode_record(tokenizer, record: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) for one record: BOS + text + EOS; pairs are masked up to the response."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if "text" in record:
+        ids = [bos] + tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [eos]
+        mask = [0] + [1] * (len(ids) - 1)
+    else:
+        prefix = [bos] + tokenizer(format_pair(record["prompt"]), add_special_tokens=False)["input_ids"]
+        full = tokenizer(format_pair(record["prompt"], record["response"]), add_special_tokens=False)["input_ids"]
+        ids = [bos] + full + [eos]
+        mask = [0] * len(prefix) + [1] * (len(ids) - len(prefix))
+    return ids[:max_len], mask[:max_len]
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels) with -100 where no loss is taken."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    for row, (ids, mask) in enumerate(encoded):
+        n = len(ids)
+        input_ids[row, :n] = torch.tensor(ids)
+        attention[row, :n] = 1
+        labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(ids, mask)])
+    return input_ids, attention, labels
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: a weighted mixture of record lists, steps, batch size and peak learning rate."""
+
+    steps: int
+    lr: float
+    batch_size: int = 32
+    warmup: int = 20
+    weight_decay: float = 0.0
+
+
+def train(model, tokenizer, mixture: list[tuple[list[dict], float]], stage: Stage, seed: int,
+          progress=None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay on batches drawn from ``mixture``; returns the losses."""
+    rng = random.Random(seed)
+    max_len = model.config.max_position_embeddings
+    pools = [[encode_record(tokenizer, r, max_len) for r in records] for records, _ in mixture if records]
+    weights = [w for records, w in mixture if records]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98),
+                                  weight_decay=stage.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < stage.warmup:
+            return stage.lr * (step + 1) / stage.warmup
+        frac = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    model.train()
+    losses = []
+    for step in range(stage.steps):
+        counts = [0] * len(pools)
+        for _ in range(stage.batch_size):
+            counts[rng.choices(range(len(pools)), weights)[0]] += 1
+        batch = [rng.choice(pool) for pool, c in zip(pools, counts) for _ in range(c)]
+        input_ids, attention, labels = collate(batch, tokenizer.pad_token_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if progress is not None:
+            progress(step, float(loss))
+    model.eval()
+    return losses
