@@ -1,0 +1,511 @@
+// Data-free merge kernels (CPU): fused weighted sum, generalised task arithmetic (task arithmetic,
+// TIES, DARE in one kernel), the magnitude top-k selection passes TIES needs, and DARE's L1 sums.
+//
+// Every kernel reads bf16/fp16/fp32 storage once, computes in fp32 and rounds once to the output
+// dtype. Work is split into blocks of kBlock elements over OpenMP threads (omp_set_num_threads /
+// alignmerge._C.set_num_threads is respected); the Python launchers in alignmerge/ops/merge.py
+// validate shapes, dtypes and contiguity and pass raw data pointers. The GIL is released.
+//
+// The arithmetic order mirrors mergekit 0.1.5 (generalized_task_arithmetic.py, linear.py) so that
+// fp32 results agree bit for bit with its fp32 computation for up to four experts.
+#include "alignmerge.h"
+
+#include <omp.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace py = pybind11;
+
+namespace alignmerge {
+namespace {
+
+constexpr int64_t kBlock = 2048;
+constexpr int kBins = 1 << 16;
+constexpr uint32_t kSkipPrefix = 0xffffffffu;
+constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // splitmix64 increment
+
+// ---------------------------------------------------------------- storage access
+template <int DT>
+struct Io;
+
+template <>
+struct Io<kFloat32> {
+  static inline float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  static inline void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+};
+
+template <>
+struct Io<kBFloat16> {
+  static inline float load(const void* p, int64_t i) {
+    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+  static inline void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); }
+};
+
+template <>
+struct Io<kFloat16> {
+  static inline float load(const void* p, int64_t i) {
+#if defined(__F16C__)
+    return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+#else
+    return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+#endif
+  }
+  static inline void store(void* p, int64_t i, float v) {
+#if defined(__F16C__)
+    static_cast<uint16_t*>(p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+#else
+    static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+#endif
+  }
+};
+
+template <int DT>
+inline void load_block(const void* p, int64_t start, int64_t len, float* __restrict dst) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = Io<DT>::load(p, start + j);
+}
+
+template <int DT>
+inline void store_block(void* p, int64_t start, int64_t len, const float* __restrict src) {
+  for (int64_t j = 0; j < len; ++j) Io<DT>::store(p, start + j, src[j]);
+}
+
+template <class F>
+void dispatch_in(int dt, F&& f) {
+  switch (dt) {
+    case kFloat32: f(std::integral_constant<int, kFloat32>{}); break;
+    case kBFloat16: f(std::integral_constant<int, kBFloat16>{}); break;
+    case kFloat16: f(std::integral_constant<int, kFloat16>{}); break;
+    default: throw std::invalid_argument("unsupported dtype code " + std::to_string(dt));
+  }
+}
+
+template <class F>
+void dispatch_in_out(int in_dt, int out_dt, F&& f) {
+  dispatch_in(in_dt, [&](auto in_c) {
+    dispatch_in(out_dt, [&](auto out_c) { f(in_c, out_c); });
+  });
+}
+
+inline uint32_t magnitude_key(float d) {
+  uint32_t u;
+  std::memcpy(&u, &d, 4);
+  return u & 0x7fffffffu;
+}
+
+// splitmix64 finaliser; element gi of stream `key` is mix64(key + (gi + 1) * kGamma).
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline uint64_t dare_uniform32(uint64_t key, uint64_t gi) { return mix64(key + (gi + 1) * kGamma) >> 32; }
+
+std::vector<const void*> as_ptrs(const std::vector<uintptr_t>& v) {
+  std::vector<const void*> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<const void*>(v[i]);
+  return out;
+}
+
+// ---------------------------------------------------------------- weighted sum
+// out = (0 + w_0 x_0 + w_1 x_1 + ...) [/ divisor]   (mergekit linear: zeros, addcmul_, div_)
+template <int IN, int OUT>
+void weighted_sum_impl(const std::vector<const void*>& xs, const std::vector<float>& w, void* out, int64_t n,
+                       bool normalize, float divisor) {
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const size_t K = xs.size();
+#pragma omp parallel
+  {
+    alignas(64) float acc[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t s = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - s);
+      for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
+      for (size_t k = 0; k < K; ++k) {
+        const void* x = xs[k];
+        const float wk = w[k];
+        for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] + Io<IN>::load(x, s + j) * wk;
+      }
+      if (normalize)
+        for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] / divisor;
+      store_block<OUT>(out, s, len, acc);
+    }
+  }
+}
+
+void weighted_sum(const std::vector<uintptr_t>& x_ptrs, int in_dtype, const std::vector<float>& weights,
+                  uintptr_t out_ptr, int out_dtype, int64_t n, bool normalize, float divisor) {
+  if (x_ptrs.size() != weights.size()) throw std::invalid_argument("weighted_sum: one weight per tensor");
+  const auto xs = as_ptrs(x_ptrs);
+  py::gil_scoped_release release;
+  dispatch_in_out(in_dtype, out_dtype, [&](auto in_c, auto out_c) {
+    weighted_sum_impl<decltype(in_c)::value, decltype(out_c)::value>(xs, weights, reinterpret_cast<void*>(out_ptr),
+                                                                     n, normalize, divisor);
+  });
+}
+
+// ---------------------------------------------------------------- generalised task arithmetic
+enum Sparsify : int { kNone = 0, kMagnitude = 1, kRandom = 2 };
+
+struct GtaParams {
+  int sparsify = kNone;
+  bool consensus = false;
+  bool normalize = false;
+  bool apply_lambda = false;
+  float lambda = 1.0f;
+  float plain_divisor = 1.0f;  // sum of weights (|.| < 1e-8 -> 1), used without consensus
+  int64_t element_offset = 0;
+  std::vector<float> weights;
+  std::vector<uint32_t> threshold_keys;  // magnitude: keep |tau| bits > key, or == key at index < cutoff
+  std::vector<int64_t> tie_cutoffs;
+  std::vector<uint64_t> rng_keys;        // random: keep iff uniform32 < keep_below
+  std::vector<uint64_t> keep_below;
+  std::vector<float> rescale;            // random: survivors multiplied by this (1 -> skipped)
+};
+
+// Per element (mergekit GeneralizedTaskArithmeticMerge.merge_group, computed in fp32):
+//   d_k = x_k - b;  d_k *= mask_k [* rescale_k];  wd_k = d_k * w_k
+//   consensus: s = sum_k wd_k; maj = s >= 0 ? +1 : -1; m_k = sign(wd_k) == maj
+//              mixed = sum_k wd_k m_k; div = sum_k w_k m_k (0 -> 1)
+//   otherwise: mixed = sum_k wd_k; div = plain_divisor
+//   normalize: mixed /= div;  lambda != 1: mixed *= lambda;  out = b + mixed
+template <int IN, int OUT>
+void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p) {
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const size_t K = xs.size();
+#pragma omp parallel
+  {
+    std::vector<float> wd_buf(K * kBlock);
+    alignas(64) float b[kBlock];
+    alignas(64) float mixed[kBlock];
+    alignas(64) float div[kBlock];
+    alignas(64) float vote[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t s = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - s);
+      const int64_t g0 = p.element_offset + s;  // global index of element s
+      load_block<IN>(base, s, len, b);
+      for (size_t k = 0; k < K; ++k) {
+        float* __restrict wd = wd_buf.data() + k * kBlock;
+        const void* x = xs[k];
+        const float wk = p.weights[k];
+        if (p.sparsify == kMagnitude) {
+          const uint32_t t = p.threshold_keys[k];
+          const int64_t cut = p.tie_cutoffs[k] - g0;  // local cutoff
+          for (int64_t j = 0; j < len; ++j) {
+            const float d = Io<IN>::load(x, s + j) - b[j];
+            const uint32_t key = magnitude_key(d);
+            const bool keep = key > t || (key == t && j < cut);
+            wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
+          }
+        } else if (p.sparsify == kRandom) {
+          const uint64_t rk = p.rng_keys[k];
+          const uint64_t below = p.keep_below[k];
+          const float r = p.rescale[k];
+          if (r != 1.0f) {
+            for (int64_t j = 0; j < len; ++j) {
+              const float d = Io<IN>::load(x, s + j) - b[j];
+              const bool keep = dare_uniform32(rk, static_cast<uint64_t>(g0 + j)) < below;
+              wd[j] = ((d * (keep ? 1.0f : 0.0f)) * r) * wk;
+            }
+          } else {
+            for (int64_t j = 0; j < len; ++j) {
+              const float d = Io<IN>::load(x, s + j) - b[j];
+              const bool keep = dare_uniform32(rk, static_cast<uint64_t>(g0 + j)) < below;
+              wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < len; ++j) wd[j] = (Io<IN>::load(x, s + j) - b[j]) * wk;
+        }
+      }
+      if (p.consensus) {
+        const float* wd0 = wd_buf.data();
+        for (int64_t j = 0; j < len; ++j) vote[j] = wd0[j];
+        for (size_t k = 1; k < K; ++k) {
+          const float* wd = wd_buf.data() + k * kBlock;
+          for (int64_t j = 0; j < len; ++j) vote[j] = vote[j] + wd[j];
+        }
+        for (size_t k = 0; k < K; ++k) {
+          const float* wd = wd_buf.data() + k * kBlock;
+          const float wk = p.weights[k];
+          for (int64_t j = 0; j < len; ++j) {
+            const bool positive = vote[j] >= 0.0f;
+            const bool agrees = positive ? wd[j] > 0.0f : wd[j] < 0.0f;
+            const float m = agrees ? 1.0f : 0.0f;
+            if (k == 0) {
+              mixed[j] = wd[j] * m;
+              div[j] = wk * m;
+            } else {
+              mixed[j] = mixed[j] + wd[j] * m;
+              div[j] = div[j] + wk * m;
+            }
+          }
+        }
+        for (int64_t j = 0; j < len; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
+      } else {
+        const float* wd0 = wd_buf.data();
+        for (int64_t j = 0; j < len; ++j) mixed[j] = wd0[j];
+        for (size_t k = 1; k < K; ++k) {
+          const float* wd = wd_buf.data() + k * kBlock;
+          for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] + wd[j];
+        }
+        for (int64_t j = 0; j < len; ++j) div[j] = p.plain_divisor;
+      }
+      if (p.normalize)
+        for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] / div[j];
+      if (p.apply_lambda)
+        for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] * p.lambda;
+      for (int64_t j = 0; j < len; ++j) mixed[j] = b[j] + mixed[j];
+      store_block<OUT>(out, s, len, mixed);
+    }
+  }
+}
+
+void gta_merge(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, uintptr_t out_ptr,
+               int out_dtype, int64_t n, int64_t element_offset, const std::vector<float>& weights, int sparsify,
+               bool consensus, bool normalize, float lambda, bool apply_lambda, float plain_divisor,
+               const std::vector<uint32_t>& threshold_keys, const std::vector<int64_t>& tie_cutoffs,
+               const std::vector<uint64_t>& rng_keys, const std::vector<uint64_t>& keep_below,
+               const std::vector<float>& rescale) {
+  const size_t K = x_ptrs.size();
+  if (K == 0 || weights.size() != K) throw std::invalid_argument("gta_merge: need one weight per expert");
+  if (sparsify == kMagnitude && (threshold_keys.size() != K || tie_cutoffs.size() != K))
+    throw std::invalid_argument("gta_merge: need one threshold and tie cutoff per expert");
+  if (sparsify == kRandom && (rng_keys.size() != K || keep_below.size() != K || rescale.size() != K))
+    throw std::invalid_argument("gta_merge: need one rng key, keep threshold and rescale per expert");
+  GtaParams p;
+  p.sparsify = sparsify;
+  p.consensus = consensus;
+  p.normalize = normalize;
+  p.lambda = lambda;
+  p.apply_lambda = apply_lambda;
+  p.plain_divisor = plain_divisor;
+  p.element_offset = element_offset;
+  p.weights = weights;
+  p.threshold_keys = threshold_keys;
+  p.tie_cutoffs = tie_cutoffs;
+  p.rng_keys = rng_keys;
+  p.keep_below = keep_below;
+  p.rescale = rescale;
+  const auto xs = as_ptrs(x_ptrs);
+  py::gil_scoped_release release;
+  dispatch_in_out(in_dtype, out_dtype, [&](auto in_c, auto out_c) {
+    gta_impl<decltype(in_c)::value, decltype(out_c)::value>(reinterpret_cast<const void*>(base_ptr), xs,
+                                                            reinterpret_cast<void*>(out_ptr), n, p);
+  });
+}
+
+// ---------------------------------------------------------------- magnitude selection (TIES)
+// key(i) = fp32 bits of |x_k[i] - b[i]| (monotone in the magnitude). Level 0 histograms key >> 16;
+// level 1 histograms key & 0xffff over the elements whose key >> 16 equals the expert's prefix.
+// Counts are added into hist (int64 [K, 65536]) so calls over row chunks accumulate.
+template <int IN>
+void magnitude_histogram_impl(const void* base, const std::vector<const void*>& xs, int64_t n, int level,
+                              const std::vector<uint32_t>& prefixes, int64_t* hist) {
+  const size_t K = xs.size();
+  // per-thread uint32 bins: split the range so that no bin can overflow
+  constexpr int64_t kPiece = int64_t{1} << 31;
+  for (int64_t p0 = 0; p0 < n; p0 += kPiece) {
+    const int64_t pn = std::min(kPiece, n - p0);
+    const int64_t nblocks = (pn + kBlock - 1) / kBlock;
+#pragma omp parallel
+    {
+      std::vector<uint32_t> local(K * kBins, 0u);
+      alignas(64) float b[kBlock];
+      alignas(64) uint32_t keys[kBlock];
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t s = p0 + blk * kBlock;
+        const int64_t len = std::min(kBlock, p0 + pn - s);
+        load_block<IN>(base, s, len, b);
+        for (size_t k = 0; k < K; ++k) {
+          const uint32_t prefix = prefixes[k];
+          if (prefix == kSkipPrefix) continue;
+          const void* x = xs[k];
+          for (int64_t j = 0; j < len; ++j) keys[j] = magnitude_key(Io<IN>::load(x, s + j) - b[j]);
+          uint32_t* h = local.data() + k * kBins;
+          if (level == 0) {
+            for (int64_t j = 0; j < len; ++j) ++h[keys[j] >> 16];
+          } else {
+            for (int64_t j = 0; j < len; ++j)
+              if ((keys[j] >> 16) == prefix) ++h[keys[j] & 0xffffu];
+          }
+        }
+      }
+#pragma omp critical
+      for (size_t i = 0; i < K * kBins; ++i) hist[i] += local[i];
+    }
+  }
+}
+
+void magnitude_histogram(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, int64_t n,
+                         int level, const std::vector<uint32_t>& prefixes, uintptr_t hist_ptr) {
+  if (prefixes.size() != x_ptrs.size()) throw std::invalid_argument("magnitude_histogram: one prefix per expert");
+  if (level != 0 && level != 1) throw std::invalid_argument("magnitude_histogram: level must be 0 or 1");
+  const auto xs = as_ptrs(x_ptrs);
+  py::gil_scoped_release release;
+  dispatch_in(in_dtype, [&](auto in_c) {
+    magnitude_histogram_impl<decltype(in_c)::value>(reinterpret_cast<const void*>(base_ptr), xs, n, level, prefixes,
+                                                    reinterpret_cast<int64_t*>(hist_ptr));
+  });
+}
+
+// For each expert with need_k > 0: count elements whose key equals keys_k, and find the local index just
+// after the need_k-th such element (-1 if this range holds fewer). Returns (counts, cutoffs).
+template <int IN>
+void magnitude_tie_cutoffs_impl(const void* base, const std::vector<const void*>& xs, int64_t n,
+                                const std::vector<uint32_t>& keys, const std::vector<int64_t>& need,
+                                std::vector<int64_t>& counts, std::vector<int64_t>& cutoffs) {
+  const size_t K = xs.size();
+  const int nthreads = std::max(1, omp_get_max_threads());
+  const int64_t span = (n + nthreads - 1) / nthreads;
+  std::vector<int64_t> per_thread(static_cast<size_t>(nthreads) * K, 0);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num();
+    const int64_t lo = std::min(n, t * span), hi = std::min(n, lo + span);
+    for (size_t k = 0; k < K; ++k) {
+      if (need[k] <= 0) continue;
+      int64_t c = 0;
+      for (int64_t i = lo; i < hi; ++i)
+        c += magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i)) == keys[k];
+      per_thread[t * K + k] = c;
+    }
+  }
+  counts.assign(K, 0);
+  cutoffs.assign(K, -1);
+  for (size_t k = 0; k < K; ++k) {
+    if (need[k] <= 0) continue;
+    int64_t before = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      const int64_t c = per_thread[t * K + k];
+      if (cutoffs[k] < 0 && before + c >= need[k]) {
+        int64_t seen = before;
+        const int64_t lo = std::min(n, t * span), hi = std::min(n, lo + span);
+        for (int64_t i = lo; i < hi; ++i) {
+          seen += magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i)) == keys[k];
+          if (seen == need[k]) {
+            cutoffs[k] = i + 1;
+            break;
+          }
+        }
+      }
+      before += c;
+    }
+    counts[k] = before;
+  }
+}
+
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> magnitude_tie_cutoffs(
+    uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, int64_t n,
+    const std::vector<uint32_t>& keys, const std::vector<int64_t>& need) {
+  if (keys.size() != x_ptrs.size() || need.size() != x_ptrs.size())
+    throw std::invalid_argument("magnitude_tie_cutoffs: one key and count per expert");
+  const auto xs = as_ptrs(x_ptrs);
+  std::vector<int64_t> counts, cutoffs;
+  {
+    py::gil_scoped_release release;
+    dispatch_in(in_dtype, [&](auto in_c) {
+      magnitude_tie_cutoffs_impl<decltype(in_c)::value>(reinterpret_cast<const void*>(base_ptr), xs, n, keys, need,
+                                                        counts, cutoffs);
+    });
+  }
+  return {counts, cutoffs};
+}
+
+// ---------------------------------------------------------------- DARE L1 sums
+// sums[2k] += sum |tau_k|, sums[2k+1] += sum |tau_k * keep_k| (fp64), for mergekit's L1 rescale.
+template <int IN>
+void dare_l1_sums_impl(const void* base, const std::vector<const void*>& xs, int64_t n, int64_t element_offset,
+                       const std::vector<uint64_t>& rng_keys, const std::vector<uint64_t>& keep_below,
+                       double* sums) {
+  const size_t K = xs.size();
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel
+  {
+    std::vector<double> local(2 * K, 0.0);
+    alignas(64) float b[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t s = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - s);
+      const int64_t g0 = element_offset + s;
+      load_block<IN>(base, s, len, b);
+      for (size_t k = 0; k < K; ++k) {
+        float all = 0.0f, kept = 0.0f;
+        for (int64_t j = 0; j < len; ++j) {
+          const float a = std::fabs(Io<IN>::load(xs[k], s + j) - b[j]);
+          all += a;
+          kept += dare_uniform32(rng_keys[k], static_cast<uint64_t>(g0 + j)) < keep_below[k] ? a : 0.0f;
+        }
+        local[2 * k] += all;
+        local[2 * k + 1] += kept;
+      }
+    }
+#pragma omp critical
+    for (size_t i = 0; i < 2 * K; ++i) sums[i] += local[i];
+  }
+}
+
+void dare_l1_sums(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, int64_t n,
+                  int64_t element_offset, const std::vector<uint64_t>& rng_keys,
+                  const std::vector<uint64_t>& keep_below, uintptr_t sums_ptr) {
+  if (rng_keys.size() != x_ptrs.size() || keep_below.size() != x_ptrs.size())
+    throw std::invalid_argument("dare_l1_sums: one rng key and keep threshold per expert");
+  const auto xs = as_ptrs(x_ptrs);
+  py::gil_scoped_release release;
+  dispatch_in(in_dtype, [&](auto in_c) {
+    dare_l1_sums_impl<decltype(in_c)::value>(reinterpret_cast<const void*>(base_ptr), xs, n, element_offset,
+                                             rng_keys, keep_below, reinterpret_cast<double*>(sums_ptr));
+  });
+}
+
+// The DARE stream value for n consecutive elements (tests compare it with the torch reference).
+void dare_uniform(uint64_t key, int64_t element_offset, int64_t n, uintptr_t out_ptr) {
+  auto* out = reinterpret_cast<int64_t*>(out_ptr);
+  py::gil_scoped_release release;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int64_t>(dare_uniform32(key, element_offset + i));
+}
+
+}  // namespace
+
+void register_merge_ops(py::module_& m) {
+  m.def("weighted_sum", &weighted_sum, "out = sum_k w_k x_k [/ divisor]", py::arg("x_ptrs"), py::arg("in_dtype"),
+        py::arg("weights"), py::arg("out_ptr"), py::arg("out_dtype"), py::arg("n"), py::arg("normalize"),
+        py::arg("divisor"));
+  m.def("gta_merge", &gta_merge, "generalised task arithmetic (task arithmetic / TIES / DARE), one pass",
+        py::arg("base_ptr"), py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("out_ptr"), py::arg("out_dtype"),
+        py::arg("n"), py::arg("element_offset"), py::arg("weights"), py::arg("sparsify"), py::arg("consensus"),
+        py::arg("normalize"), py::arg("lambda_"), py::arg("apply_lambda"), py::arg("plain_divisor"),
+        py::arg("threshold_keys"), py::arg("tie_cutoffs"), py::arg("rng_keys"), py::arg("keep_below"),
+        py::arg("rescale"));
+  m.def("magnitude_histogram", &magnitude_histogram, "accumulate |tau| key histograms (level 0: hi16, 1: lo16)",
+        py::arg("base_ptr"), py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("level"),
+        py::arg("prefixes"), py::arg("hist_ptr"));
+  m.def("magnitude_tie_cutoffs", &magnitude_tie_cutoffs, "count threshold ties and locate the need-th one",
+        py::arg("base_ptr"), py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("keys"), py::arg("need"));
+  m.def("dare_l1_sums", &dare_l1_sums, "accumulate sum|tau| and sum|kept tau| per expert", py::arg("base_ptr"),
+        py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("element_offset"), py::arg("rng_keys"),
+        py::arg("keep_below"), py::arg("sums_ptr"));
+  m.def("dare_uniform", &dare_uniform, "DARE stream: uniform32 values for elements offset..offset+n",
+        py::arg("key"), py::arg("element_offset"), py::arg("n"), py::arg("out_ptr"));
+}
+
+}  // namespace alignmerge
