@@ -70,7 +70,10 @@ def fisher_accumulate(out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, *,
         return out
     chosen = choose_backend(g, backend)
     if chosen == "triton":
-        from alignmerge.kernels.fisher import fisher_accumulate_triton
+        try:
+            from alignmerge.kernels.fisher import fisher_accumulate_triton
+        except ImportError:  # a source checkout that is not installed: kernels/ is top level
+            from kernels.fisher import fisher_accumulate_triton
 
         return fisher_accumulate_triton(out, g, a)
     return fisher_accumulate_blocked(out, g, a)
