@@ -11,6 +11,7 @@ from alignmerge.errors import AlignMergeError
 # (subcommand, module); each module defines HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS = [
     ("merge", "alignmerge.commands.merge"),
+    ("fisher", "alignmerge.commands.fisher"),
 ]
 
 DESCRIPTION = """\
