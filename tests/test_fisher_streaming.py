@@ -1,0 +1,51 @@
+"""Streamed (layer by layer, weights read per layer) Fisher equals the in-memory Fisher."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignmerge.errors import ConfigError
+from alignmerge.fisher import compute_fisher
+from alignmerge.fisher.compute import _skeleton, _load_config, estimate_bytes
+from conftest import make_tiny_llama
+from test_fisher import RECORDS, add_char_tokenizer, assert_close
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream_llama")
+    return add_char_tokenizer(make_tiny_llama(root / "m", seed=5, dtype=torch.float32, hidden=32,
+                                              intermediate=48, layers=3))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "true"])
+def test_streamed_equals_in_memory(llama3, tmp_path, kind):
+    ref = compute_fisher(llama3, RECORDS, kind=kind, batch_size=2, seed=3)
+    out = tmp_path / "s.safetensors"
+    got = compute_fisher(llama3, RECORDS, out, kind=kind, batch_size=2, seed=3, stream=True)
+    assert_close({k: v.clone() for k, v in got.items()}, ref)
+    assert_close(load_file(str(out)), ref)
+
+
+def test_memory_budget_selects_streaming(llama3, tmp_path):
+    skel = _skeleton(_load_config(llama3), torch.float32)
+    est = estimate_bytes(skel, skel.config, batch_size=2, seq_len=40, dtype=torch.float32)
+    assert est["streamed"] < est["in_memory"]
+    budget = (est["streamed"] + est["in_memory"]) // 2
+    out = tmp_path / "b.safetensors"
+    got = compute_fisher(llama3, RECORDS[:2], out, batch_size=2, max_memory=budget)
+    ref = compute_fisher(llama3, RECORDS[:2], batch_size=2)
+    assert_close({k: v.clone() for k, v in got.items()}, ref)
+    with pytest.raises(ConfigError, match="below even one streamed layer"):
+        compute_fisher(llama3, RECORDS[:2], max_memory=1000, batch_size=2)
+
+
+def test_streaming_rejects_tied_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    add_char_tokenizer(tmp_path / "tied")
+    with pytest.raises(ConfigError, match="tied weights"):
+        compute_fisher(tmp_path / "tied", RECORDS[:1], stream=True)
