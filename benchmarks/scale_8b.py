@@ -1,0 +1,81 @@
+"""8B-scale streaming: three checkpoints with Llama-3-8B shapes through the streaming executor.
+
+Writes base + 2 experts with Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads,
+vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs
+`alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time,
+bytes read and written, effective GB/s against the memory-copy rate measured in the same run, and
+peak RSS; mergekit's ties runs on the same files for comparison (--skip-mergekit to leave it out).
+Disk: 3 x 16 GB for 32 layers.
+
+    python benchmarks/scale_8b.py --layers 4 8 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_llama import copy_rate_gbs, run_measured, write_llama_family  # noqa: E402
+
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
+
+
+def ties_config(base: Path, experts: list[Path]) -> dict:
+    return {"merge_method": "ties", "base_model": str(base),
+            "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
+            "parameters": {"normalize": True}, "dtype": "bfloat16"}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/alignmerge-bench/scale_8b")
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-memory", default="1GB")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = ap.parse_args()
+
+    rate = copy_rate_gbs()
+    print(f"memory copy rate (read+write): {rate:.1f} GB/s; host budget --max-memory {args.max_memory}")
+    print(f"{'layers':>6} {'tool':<11} {'wall s':>8} {'read GB':>8} {'written GB':>10} {'GB/s':>6} "
+          f"{'of copy':>7} {'peak RSS GB':>11}")
+    rows = []
+    for layers in args.layers:
+        root = Path(args.work) / f"L{layers}"
+        base, experts = write_llama_family(root / "models", n_experts=2, layers=layers, **LLAMA3_8B)
+        cfg = root / "ties.yaml"
+        cfg.write_text(yaml.safe_dump(ties_config(base, experts)))
+        read = sum(dir_bytes(d) for d in [base, *experts])
+        runs = {"alignmerge": [sys.executable, "-m", "alignmerge", "merge", str(cfg), str(root / "out-alignmerge"),
+                               "--threads", str(args.threads), "--max-memory", args.max_memory,
+                               "--device", args.device, "--no-progress", "--overwrite"]}
+        if not args.skip_mergekit and shutil.which("mergekit-yaml"):
+            shutil.rmtree(root / "out-mergekit", ignore_errors=True)
+            runs["mergekit"] = [shutil.which("mergekit-yaml"), str(cfg), str(root / "out-mergekit"), "--quiet",
+                                "--num-threads", str(args.threads)]
+        for tool, cmd in runs.items():
+            wall, rss, code = run_measured(cmd)
+            written = dir_bytes(root / f"out-{tool}") if code == 0 else 0
+            gbs = (read + written) / wall / 1e9
+            print(f"{layers:>6} {tool:<11} {wall:8.1f} {read / 1e9:8.2f} {written / 1e9:10.2f} {gbs:6.2f} "
+                  f"{gbs / rate:7.0%} {rss:11.2f}" + ("" if code == 0 else f"  (exit {code})"))
+            rows.append({"layers": layers, "tool": tool, "wall_s": wall, "read_bytes": read, "written_bytes": written,
+                         "peak_rss_gb": rss, "exit": code})
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
