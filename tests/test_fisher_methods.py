@@ -1,0 +1,173 @@
+"""Fisher merging and RegMean equal their formulas on hand-built tensors; stats files are
+found, validated (names and shapes) and computed from data when missing."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from alignmerge.config import ModelSpec, MergeConfig
+from alignmerge.errors import CheckpointError, ConfigError
+from alignmerge.fisher.stats import validate_stats_file
+from alignmerge.methods import TensorInputs, get_method
+from conftest import make_tiny_llama
+from test_fisher import RECORDS, add_char_tokenizer, write_jsonl
+
+
+def _inputs(method, models, stats, params=None, **method_params):
+    cls = get_method(method)
+    mp = {k: v for k, v in cls.method_parameters.items()}
+    mp.update(method_params)
+    params = params or [{"weight": 1.0} for _ in models]
+    return cls(), TensorInputs(name="w", models=models, params=params, method_params=mp, stats=stats)
+
+
+def test_fisher_merge_formula():
+    gen = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+    fishers = [torch.rand(5, 7, generator=gen) for _ in range(3)]
+    fishers[1][0, :] = 0.0  # floored at epsilon
+    w = [0.5, 1.0, 2.0]
+    eps = 1e-3
+    method, inputs = _inputs("fisher", thetas, {"fisher": fishers}, [{"weight": x} for x in w], epsilon=eps)
+    got = method.merge(inputs, out_dtype=torch.float32)
+    f = [fk.clamp_min(eps) for fk in fishers]
+    want = sum(wk * fk * tk for wk, fk, tk in zip(w, f, thetas)) / sum(wk * fk for wk, fk in zip(w, f))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # all Fishers zero -> the weighted average
+    _, zero = _inputs("fisher", thetas, {"fisher": [torch.zeros(5, 7)] * 3}, [{"weight": x} for x in w])
+    avg = sum(wk * tk for wk, tk in zip(w, thetas)) / sum(w)
+    torch.testing.assert_close(method.merge(zero, out_dtype=torch.float32), avg, rtol=1e-6, atol=1e-6)
+
+
+def test_fisher_merge_normalisation_and_chunks():
+    gen = torch.Generator().manual_seed(1)
+    thetas = [torch.randn(6, 4, generator=gen) for _ in range(2)]
+    fishers = [torch.rand(6, 4, generator=gen), 1e4 * torch.rand(6, 4, generator=gen)]
+    method, inputs = _inputs("fisher", thetas, {"fisher": fishers}, normalize_fisher=True, epsilon=1e-9)
+    got = method.merge(inputs, out_dtype=torch.float32)
+    f = [fk / fk.mean() for fk in fishers]
+    want = (f[0] * thetas[0] + f[1] * thetas[1]) / (f[0] + f[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # chunked: prepass over row blocks gives whole-tensor means, merge per block matches
+    state = None
+    blocks = [(0, 2), (2, 6)]
+    for r0, r1 in blocks:
+        _, part = _inputs("fisher", [t[r0:r1] for t in thetas], {"fisher": [fk[r0:r1] for fk in fishers]},
+                          normalize_fisher=True, epsilon=1e-9)
+        part.state = state
+        state = method.prepass(part)
+    pieces = []
+    for r0, r1 in blocks:
+        _, part = _inputs("fisher", [t[r0:r1] for t in thetas], {"fisher": [fk[r0:r1] for fk in fishers]},
+                          normalize_fisher=True, epsilon=1e-9)
+        part.state = state
+        pieces.append(method.merge(part, out_dtype=torch.float32))
+    torch.testing.assert_close(torch.cat(pieces), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_merge_bf16_output_and_errors():
+    thetas = [torch.randn(3, 3).bfloat16() for _ in range(2)]
+    method, inputs = _inputs("fisher", thetas, {"fisher": [torch.ones(3, 3)] * 2})
+    got = method.merge(inputs, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ((thetas[0].float() + thetas[1].float()) / 2).bfloat16().float())
+    _, missing = _inputs("fisher", thetas, {"fisher": [torch.ones(3, 3), None]})
+    with pytest.raises(ConfigError, match="no statistic for model 1"):
+        method.merge(missing, out_dtype=torch.float32)
+    _, bad = _inputs("fisher", thetas, {"fisher": [torch.ones(3, 3), torch.ones(3, 4)]})
+    with pytest.raises(ConfigError, match="shape"):
+        method.merge(bad, out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_regmean_formula(alpha):
+    gen = torch.Generator().manual_seed(2)
+    out_f, in_f = 5, 4
+    weights = [torch.randn(out_f, in_f, generator=gen, dtype=torch.float64) for _ in range(3)]
+    acts = [torch.randn(20, in_f, generator=gen, dtype=torch.float64) for _ in range(3)]
+    grams = [a.t() @ a / 20 for a in acts]
+    method, inputs = _inputs("regmean", [w.float() for w in weights], {"gram": [g.float() for g in grams]},
+                             alpha=alpha)
+    got = method.merge(inputs, out_dtype=torch.float32)
+    gt = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    want = sum(w @ g for w, g in zip(weights, gt)) @ torch.linalg.inv(sum(gt))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if alpha == 1.0:  # the least-squares optimum of sum_k ||X_k W^T - X_k W_k^T||^2
+        x = torch.cat(acts)
+        y = torch.cat([a @ w.t() for a, w in zip(acts, weights)])
+        lstsq = torch.linalg.lstsq(x, y).solution.t()
+        torch.testing.assert_close(got.double(), lstsq, rtol=1e-4, atol=1e-4)
+
+
+def test_regmean_non_linear_tensors_average():
+    vecs = [torch.randn(6) for _ in range(2)]
+    method, inputs = _inputs("regmean", vecs, {"gram": [None, None]}, params=[{"weight": 1.0}, {"weight": 3.0}])
+    torch.testing.assert_close(method.merge(inputs, out_dtype=torch.float32), (vecs[0] + 3 * vecs[1]) / 4)
+    _, partial = _inputs("regmean", [torch.randn(2, 2)] * 2, {"gram": [torch.eye(2), None]})
+    with pytest.raises(ConfigError, match="only some models"):
+        method.merge(partial, out_dtype=torch.float32)
+
+
+# ---- prepare_stats ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fm")
+    a = add_char_tokenizer(make_tiny_llama(root / "a", seed=1, dtype=torch.float32, hidden=16, intermediate=24,
+                                           layers=1, heads=2, kv_heads=1))
+    b = add_char_tokenizer(make_tiny_llama(root / "b", seed=2, dtype=torch.float32, hidden=16, intermediate=24,
+                                           layers=1, heads=2, kv_heads=1))
+    return a, b
+
+
+def _config(method, models, **params):
+    return MergeConfig(merge_method=method, models=[ModelSpec(path=str(m)) for m in models], parameters=params)
+
+
+@pytest.mark.parametrize("method,kind", [("fisher", "fisher"), ("regmean", "gram")])
+def test_prepare_stats_computes_and_caches(two_models, tmp_path, method, kind):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])
+    config = _config(method, two_models, data=str(data), samples=3)
+    paths = get_method(method).prepare_stats(config, tmp_path / "work")[kind]
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    again = get_method(method).prepare_stats(config, tmp_path / "work")[kind]
+    assert again == paths and [p.stat().st_mtime_ns for p in again] == mtimes
+    # a file given per model wins over data (same architecture, so b's file validates for a)
+    config.models[0].parameters[kind] = str(paths[1])
+    assert get_method(method).prepare_stats(config, tmp_path / "work")[kind][0] == paths[1]
+    config.models[0].parameters[kind] = str(tmp_path / "absent.safetensors")
+    with pytest.raises(CheckpointError, match=f"absent.safetensors: {kind} file not found"):
+        get_method(method).prepare_stats(config, tmp_path / "work")
+
+
+def test_prepare_stats_needs_data_or_file(two_models, tmp_path):
+    with pytest.raises(ConfigError, match=r"models\[0\].*needs fisher: <file> or data:"):
+        get_method("fisher").prepare_stats(_config("fisher", two_models), tmp_path)
+
+
+def test_stats_file_names_and_shapes_checked(two_models, tmp_path):
+    model = two_models[0]
+    from alignmerge.io.checkpoint import Checkpoint
+
+    ck = Checkpoint(model)
+    good = {n: torch.ones(ck.shape(n)) for n in ck.names()}
+    save_file(good, str(tmp_path / "good.safetensors"))
+    validate_stats_file(tmp_path / "good.safetensors", model, "fisher")
+    wrong_shape = dict(good)
+    wrong_shape["lm_head.weight"] = torch.ones(3, 3)
+    save_file(wrong_shape, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape.safetensors: fisher tensor 'lm_head.weight' has shape \(3, 3\)"):
+        validate_stats_file(tmp_path / "shape.safetensors", model, "fisher")
+    extra = dict(good)
+    extra["model.layers.9.mlp.up_proj.weight"] = torch.ones(2)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="is not a tensor of model"):
+        validate_stats_file(tmp_path / "extra.safetensors", model, "fisher")
+    missing = dict(good)
+    missing.pop("model.norm.weight")
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks 1 tensor"):
+        validate_stats_file(tmp_path / "missing.safetensors", model, "fisher")
+    gram = {"model.layers.0.mlp.down_proj.weight": torch.ones(16, 16)}  # down_proj is [16, 24]: needs 24x24
+    save_file(gram, str(tmp_path / "gram.safetensors"))
+    with pytest.raises(CheckpointError, match="expected \\(24, 24\\)"):
+        validate_stats_file(tmp_path / "gram.safetensors", model, "gram")
