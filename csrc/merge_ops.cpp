@@ -448,11 +448,11 @@ void dare_l1_sums_impl(const void* base, const std::vector<const void*>& xs, int
       const int64_t g0 = element_offset + s;
       load_block<IN>(base, s, len, b);
       for (size_t k = 0; k < K; ++k) {
-        float all = 0.0f, kept = 0.0f;
+        double all = 0.0, kept = 0.0;
         for (int64_t j = 0; j < len; ++j) {
-          const float a = std::fabs(Io<IN>::load(xs[k], s + j) - b[j]);
+          const double a = std::fabs(Io<IN>::load(xs[k], s + j) - b[j]);
           all += a;
-          kept += dare_uniform32(rng_keys[k], static_cast<uint64_t>(g0 + j)) < keep_below[k] ? a : 0.0f;
+          kept += dare_uniform32(rng_keys[k], static_cast<uint64_t>(g0 + j)) < keep_below[k] ? a : 0.0;
         }
         local[2 * k] += all;
         local[2 * k + 1] += kept;

@@ -83,3 +83,209 @@ def cg_step_reference(x, r, p, d, u=None, v=None, *, alpha, beta, mu, precond_mu
     sums = torch.stack([(r * z).sum(), (z * dd * z).sum(), (z * dd * p).sum(), (p * dd * p).sum(), (r * r).sum()])
     uz, zv = project_factors_reference(z, u, v)
     return sums, uz, zv
+
+
+# --- merge ---
+# Data-free merges in the arithmetic order of mergekit 0.1.5 (linear.py, generalized_task_arithmetic.py):
+# fp32 arithmetic, sums over experts taken in expert order, one rounding to the output dtype.
+KEEP_ALL_TIES = (1 << 63) - 1
+"""Tie cutoff meaning "keep every element whose magnitude equals the threshold"."""
+KEEP_NONE_KEY = 0xFFFFFFFF
+"""Threshold key above every |tau| bit pattern: the expert keeps nothing (density <= 0)."""
+DARE_GAMMA = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _mix64(z: int) -> int:
+    """splitmix64 finaliser on a Python int (mod 2^64)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def dare_stream_key(seed: int, tensor_index: int, expert_index: int) -> int:
+    """64-bit key of the DARE random stream of one expert of one tensor (unsigned Python int)."""
+    h = _mix64(int(seed) + DARE_GAMMA)
+    h = _mix64(h ^ ((int(tensor_index) + 2 * DARE_GAMMA) & _MASK64))
+    return _mix64(h ^ ((int(expert_index) + 3 * DARE_GAMMA) & _MASK64))
+
+
+def dare_keep_below(density: float) -> int:
+    """Keep an element iff its uniform32 value is below this: keep probability = result / 2^32."""
+    return int(min(1 << 32, max(0, round(float(density) * (1 << 32)))))
+
+
+def _lsr64(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 holding uint64 bit patterns."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def dare_uniform_reference(key: int, numel: int, element_offset: int = 0) -> torch.Tensor:
+    """uniform32(i) = splitmix64(key + (i + 1)·γ) >> 32 for global indices i = offset..offset+numel-1 (int64)."""
+    gi = torch.arange(element_offset + 1, element_offset + numel + 1, dtype=torch.int64)
+    z = gi * _signed64(DARE_GAMMA) + _signed64(key)  # int64 arithmetic wraps mod 2^64
+    z = (z ^ _lsr64(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _lsr64(z, 27)) * _signed64(0x94D049BB133111EB)
+    z = z ^ _lsr64(z, 31)
+    return _lsr64(z, 32)
+
+
+def dare_keep_mask_reference(numel: int, density: float, *, seed: int, tensor_index: int, expert_index: int,
+                             element_offset: int = 0) -> torch.Tensor:
+    """Bool mask of the DARE survivors of one expert: P(keep) = dare_keep_below(density) / 2^32."""
+    key = dare_stream_key(seed, tensor_index, expert_index)
+    return dare_uniform_reference(key, numel, element_offset) < dare_keep_below(density)
+
+
+def magnitude_keys_reference(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """fp32 bit pattern of |x - base| as int64 (monotone in the magnitude), flattened."""
+    d = x.reshape(-1).float() - base.reshape(-1).float()
+    return d.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def magnitude_keep_count(numel: int, density: float) -> int:
+    """How many elements mergekit's magnitude sparsification keeps: max(1, int(density·n)); all at density>=1."""
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
+def magnitude_threshold_reference(base: torch.Tensor, x: torch.Tensor, density: float) -> tuple[int, int]:
+    """(key, cutoff) keeping exactly magnitude_keep_count elements of |x - base|.
+
+    Keep i iff key(i) > key, or key(i) == key and i < cutoff: the k largest magnitudes, ties at the
+    threshold resolved in favour of lower flat indices.
+    """
+    keys = magnitude_keys_reference(base, x)
+    n = keys.numel()
+    k = magnitude_keep_count(n, density)
+    if k == n:
+        return 0, KEEP_ALL_TIES
+    if k == 0:
+        return KEEP_NONE_KEY, 0
+    t = int(torch.kthvalue(keys, n - k + 1).values)
+    greater = int((keys > t).sum())
+    equal = keys == t
+    need = k - greater
+    if need == int(equal.sum()):
+        return t, KEEP_ALL_TIES
+    return t, int(torch.nonzero(equal)[need - 1, 0]) + 1
+
+
+def magnitude_mask_reference(base: torch.Tensor, x: torch.Tensor, key: int, cutoff: int,
+                             element_offset: int = 0) -> torch.Tensor:
+    """Bool mask (flat) of the elements a (key, cutoff) threshold keeps."""
+    keys = magnitude_keys_reference(base, x)
+    gi = torch.arange(element_offset, element_offset + keys.numel(), dtype=torch.int64)
+    return (keys > key) | ((keys == key) & (gi < cutoff))
+
+
+def _fp32(v: float) -> torch.Tensor:
+    return torch.tensor(float(v), dtype=torch.float32)
+
+
+def sequential_sum_fp32(values) -> float:
+    """fp32 sum in order (what torch's sum over <= 4 experts does)."""
+    total = _fp32(values[0])
+    for v in values[1:]:
+        total = total + _fp32(v)
+    return float(total)
+
+
+def weighted_sum_reference(tensors, weights, *, normalize: bool = False, out_dtype=None) -> torch.Tensor:
+    """sum_k w_k x_k (fp32, from zero, in order) [/ sum_k w_k]; mergekit linear."""
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    for x, w in zip(tensors, weights):
+        acc = acc + x.float() * _fp32(w)
+    if normalize:
+        acc = acc / _fp32(sequential_sum_fp32(weights))
+    return acc.to(out_dtype or tensors[0].dtype)
+
+
+def gta_reference(base, tensors, weights, *, keep_masks=None, rescale=None, consensus: bool = False,
+                  normalize: bool = False, lambda_: float = 1.0, out_dtype=None) -> torch.Tensor:
+    """Generalised task arithmetic, mergekit's GeneralizedTaskArithmeticMerge in fp32.
+
+    tau_k = x_k - b; tau_k *= mask_k (* rescale_k); wd_k = w_k tau_k.
+    consensus ("sum"): maj = sign(sum_k wd_k) (0 -> +), m_k = [sign(wd_k) == maj],
+    mixed = sum_k m_k wd_k, div = sum_k m_k w_k (0 -> 1); else mixed = sum_k wd_k, div = sum_k w_k
+    (|div| < 1e-8 -> 1). normalize: mixed /= div; out = b + lambda·mixed.
+    """
+    b = base.float()
+    wd = []
+    for k, x in enumerate(tensors):
+        d = x.float() - b
+        if keep_masks is not None:
+            d = d * keep_masks[k].reshape(d.shape).to(torch.float32)
+        if rescale is not None and float(rescale[k]) != 1.0:
+            d = d * _fp32(rescale[k])
+        wd.append(d * _fp32(weights[k]))
+    if consensus:
+        vote = wd[0]
+        for d in wd[1:]:
+            vote = vote + d
+        positive = vote >= 0
+        mixed = div = None
+        for d, w in zip(wd, weights):
+            m = torch.where(positive, d > 0, d < 0).to(torch.float32)
+            mixed = d * m if mixed is None else mixed + d * m
+            div = _fp32(w) * m if div is None else div + _fp32(w) * m
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        mixed = wd[0]
+        for d in wd[1:]:
+            mixed = mixed + d
+        div = sequential_sum_fp32(weights)
+        div = _fp32(1.0 if abs(div) < 1e-8 else div)
+    if normalize:
+        mixed = mixed / div
+    if float(lambda_) != 1.0:
+        mixed = mixed * _fp32(lambda_)
+    return (b + mixed).to(out_dtype or base.dtype)
+
+
+def task_arithmetic_reference(base, tensors, weights, *, lambda_=1.0, normalize=False, out_dtype=None):
+    """theta_0 + lambda · sum_k w_k tau_k [/ sum_k w_k]."""
+    return gta_reference(base, tensors, weights, normalize=normalize, lambda_=lambda_, out_dtype=out_dtype)
+
+
+def ties_reference(base, tensors, weights, *, density, lambda_=1.0, normalize=True, consensus=True,
+                   out_dtype=None):
+    """TIES: per-expert magnitude top-k of tau_k, sign election ("sum"), disjoint mean."""
+    densities = [density] * len(tensors) if isinstance(density, (int, float)) else list(density)
+    masks = []
+    for x, dens in zip(tensors, densities):
+        key, cutoff = magnitude_threshold_reference(base, x, dens)
+        masks.append(magnitude_mask_reference(base, x, key, cutoff))
+    return gta_reference(base, tensors, weights, keep_masks=masks, consensus=consensus, normalize=normalize,
+                         lambda_=lambda_, out_dtype=out_dtype)
+
+
+def dare_reference(base, tensors, weights, *, density, seed, tensor_index, lambda_=1.0, normalize=False,
+                   consensus=False, rescale="inverse_density", element_offset=0, out_dtype=None):
+    """DARE: keep tau_k elementwise with probability density (counter-based stream), rescale survivors."""
+    densities = [density] * len(tensors) if isinstance(density, (int, float)) else list(density)
+    masks = [dare_keep_mask_reference(base.numel(), dens, seed=seed, tensor_index=tensor_index, expert_index=k,
+                                      element_offset=element_offset) for k, dens in enumerate(densities)]
+    if rescale is None:
+        factors = [1.0] * len(tensors)
+    elif rescale == "inverse_density":
+        factors = [1.0 / d if 0 < d < 1 else 1.0 for d in densities]
+    elif rescale == "l1":
+        factors = []
+        for x, m, dens in zip(tensors, masks, densities):
+            tau = (x.float() - base.float()).reshape(-1).double()
+            before, after = float(tau.abs().sum()), float((tau * m).abs().sum())
+            factors.append(1.0 if dens >= 1 or before < 1e-7 or after < 1e-7 else before / after)
+    else:
+        factors = [float(f) for f in rescale]
+    return gta_reference(base, tensors, weights, keep_masks=masks, rescale=factors, consensus=consensus,
+                         normalize=normalize, lambda_=lambda_, out_dtype=out_dtype)
