@@ -121,7 +121,8 @@ std::vector<const void*> as_ptrs(const std::vector<uintptr_t>& v) {
 }
 
 // ---------------------------------------------------------------- weighted sum
-// out = (0 + w_0 x_0 + w_1 x_1 + ...) [/ divisor]   (mergekit linear: zeros, addcmul_, div_)
+// acc = 0; acc = fma(x_k, w_k, acc) for k in order; out = acc [/ divisor]
+// (mergekit linear: zeros, addcmul_ -- torch's addcmul rounds once, i.e. a fused multiply-add -- div_)
 template <int IN, int OUT>
 void weighted_sum_impl(const std::vector<const void*>& xs, const std::vector<float>& w, void* out, int64_t n,
                        bool normalize, float divisor) {
@@ -138,7 +139,7 @@ void weighted_sum_impl(const std::vector<const void*>& xs, const std::vector<flo
       for (size_t k = 0; k < K; ++k) {
         const void* x = xs[k];
         const float wk = w[k];
-        for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] + Io<IN>::load(x, s + j) * wk;
+        for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(Io<IN>::load(x, s + j), wk, acc[j]);
       }
       if (normalize)
         for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] / divisor;
@@ -487,7 +488,7 @@ void dare_uniform(uint64_t key, int64_t element_offset, int64_t n, uintptr_t out
 }  // namespace
 
 void register_merge_ops(py::module_& m) {
-  m.def("weighted_sum", &weighted_sum, "out = sum_k w_k x_k [/ divisor]", py::arg("x_ptrs"), py::arg("in_dtype"),
+  m.def("weighted_sum", &weighted_sum, "out = sum_k w_k x_k (fused multiply-adds) [/ divisor]", py::arg("x_ptrs"), py::arg("in_dtype"),
         py::arg("weights"), py::arg("out_ptr"), py::arg("out_dtype"), py::arg("n"), py::arg("normalize"),
         py::arg("divisor"));
   m.def("gta_merge", &gta_merge, "generalised task arithmetic (task arithmetic / TIES / DARE), one pass",

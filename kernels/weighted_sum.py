@@ -1,5 +1,7 @@
 """Triton kernel: fused weighted sum of K same-shaped tensors, out = sum_k w_k x_k [/ divisor].
 
+acc = fma(x_k, w_k, acc) in input order, like torch.addcmul_ in mergekit's linear merge.
+
 The K inputs are passed as one base pointer plus per-input element offsets (x_k = x0_ptr + off_k),
 so K is free; storage is bf16/fp16/fp32, arithmetic fp32 (FMA contraction off, like the C++ path).
 """
@@ -32,7 +34,7 @@ def pointer_offsets(tensors, ref: torch.Tensor) -> torch.Tensor:
 
 
 def launch_options() -> dict:
-    """No FMA contraction on GPU, so sums round like the C++ and torch paths."""
+    """No implicit FMA contraction on GPU (explicit tl.fma only), so results round like the C++ and torch paths."""
     return {} if triton_interpreted() else {"enable_fp_fusion": False}
 
 
@@ -58,7 +60,7 @@ def _weighted_sum_kernel(x0_ptr, x_offsets_ptr, w_ptr, out_ptr, n, divisor,
         xo = tl.load(x_offsets_ptr + k)
         w = tl.load(w_ptr + k)
         x = tl.load(x0_ptr + xo + offs, mask=mask, other=0.0).to(tl.float32)
-        acc = acc + x * w
+        acc = tl.fma(x, w, acc)
     if NORMALIZE:
         acc = acc / divisor
     tl.store(out_ptr + offs, to_storage(acc, out_ptr), mask=mask)

@@ -8,7 +8,7 @@ round once to ``out_dtype`` (default: the inputs' dtype). Each has three backend
 
 Formulas (tau_k = x_k - base, w_k the expert weights, all per element):
 
-- ``weighted_sum``:     sum_k w_k x_k  [/ sum_k w_k]                                   (mergekit linear)
+- ``weighted_sum``:     sum_k w_k x_k (fused multiply-adds)  [/ sum_k w_k]            (mergekit linear)
 - ``task_arithmetic``:  base + lambda · sum_k w_k tau_k [/ sum_k w_k]
 - ``ties``:             tau_k keeps its top-k magnitudes, k = max(1, int(density_k · n)); sign election
   maj = sign(sum_k w_k tau_k); mixed = sum of the w_k tau_k agreeing with maj, divided by the sum of
@@ -126,8 +126,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, n
                  backend: str | None = None) -> torch.Tensor:
     """out = sum_k w_k x_k, divided by sum_k w_k when ``normalize`` (mergekit ``linear``).
 
-    fp32 accumulation from zero in tensor order, one rounding to ``out_dtype``; bit-identical to
-    mergekit's linear merge (zeros, addcmul_, div_) in fp32.
+    fp32 accumulation from zero in tensor order with fused multiply-adds (torch.addcmul_ rounds once),
+    one rounding to ``out_dtype``: bit-identical to mergekit's linear merge (zeros, addcmul_, div_).
     """
     op = "weighted_sum"
     like = _check_tensors(op, tensors)

@@ -201,10 +201,10 @@ def sequential_sum_fp32(values) -> float:
 
 
 def weighted_sum_reference(tensors, weights, *, normalize: bool = False, out_dtype=None) -> torch.Tensor:
-    """sum_k w_k x_k (fp32, from zero, in order) [/ sum_k w_k]; mergekit linear."""
+    """sum_k w_k x_k [/ sum_k w_k] as mergekit linear: fp32 zeros, addcmul_ in order (one rounding each)."""
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for x, w in zip(tensors, weights):
-        acc = acc + x.float() * _fp32(w)
+        acc.addcmul_(x.float(), _fp32(w))
     if normalize:
         acc = acc / _fp32(sequential_sum_fp32(weights))
     return acc.to(out_dtype or tensors[0].dtype)
