@@ -7,7 +7,7 @@ from alignmerge.ops._backend import available_backends
 from alignmerge.ops.fisher import fisher_accumulate_blocked
 from alignmerge.ops.reference import fisher_accumulate_reference
 
-SHAPES = [(3, 7, 19, 23), (5, 33, 17, 40), (1, 1, 1, 1)]
+SHAPES = [(3, 7, 19, 23), (5, 33, 17, 40), (2, 9, 45, 70), (1, 1, 1, 1)]
 
 
 def _rel_err(x, ref):
