@@ -108,8 +108,8 @@ def train(model, tokenizer, mixture: list[tuple[list[dict], float]], stage: Stag
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     model.eval()
     return losses
