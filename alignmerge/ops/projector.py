@@ -218,7 +218,7 @@ def _cpu_lowrank_apply(x, d, u, a, g, v, mu, out):
         i1 = min(i0 + step, m)
         yb = buf[: i1 - i0]
         if d is not None:
-            torch.mul(d[i0:i1], x[i0:i1], out=yb)
+            torch.mul(d[i0:i1].to(torch.float32), x[i0:i1].to(torch.float32), out=yb)
         else:
             yb.zero_()
         if u is not None:
