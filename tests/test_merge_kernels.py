@@ -1,0 +1,266 @@
+"""Merge kernels: every backend present vs the torch reference, TIES selection, DARE stream, errors."""
+import math
+
+import pytest
+import torch
+
+from alignmerge import ops
+from alignmerge.ops import reference as ref
+from alignmerge.ops._backend import available_backends
+
+BACKENDS = available_backends("cpu")
+FAST = [b for b in BACKENDS if b != "torch"]
+IN_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SHAPES = [(1,), (7,), (33, 65), (5, 3, 11)]
+
+
+def _inputs(shape, k, dtype, *, seed=0, noise=0.02):
+    g = torch.Generator().manual_seed(seed)
+    base = (0.05 * torch.randn(shape, generator=g)).to(dtype)
+    xs = [(base.float() + noise * torch.randn(shape, generator=g)).to(dtype) for _ in range(k)]
+    return base, xs
+
+
+WEIGHTS = [0.7, -0.3, 0.45, 1.2]
+DENSITIES = [0.5, 0.2, 1.0, 0.05]
+
+
+def _assert_same(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_weighted_sum_and_task_arithmetic_match_reference(backend, in_dtype, out_dtype):
+    for k in range(1, 5):
+        for shape in SHAPES:
+            base, xs = _inputs(shape, k, in_dtype, seed=k)
+            w = WEIGHTS[:k]
+            for normalize in (False, True):
+                _assert_same(ops.weighted_sum(xs, w, normalize=normalize, out_dtype=out_dtype, backend=backend),
+                             ref.weighted_sum_reference(xs, w, normalize=normalize, out_dtype=out_dtype))
+                _assert_same(ops.task_arithmetic(base, xs, w, lambda_=0.8, normalize=normalize, out_dtype=out_dtype,
+                                                 backend=backend),
+                             ref.task_arithmetic_reference(base, xs, w, lambda_=0.8, normalize=normalize,
+                                                           out_dtype=out_dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+def test_ties_matches_reference(backend, in_dtype):
+    for k in range(1, 5):
+        for shape in [SHAPES[k - 1], (129, 31)]:
+            base, xs = _inputs(shape, k, in_dtype, seed=10 + k)
+            w, dens = WEIGHTS[:k], DENSITIES[:k]
+            for normalize, lam, out_dtype in [(True, 1.0, torch.bfloat16), (False, 0.6, torch.float32)]:
+                got = ops.ties(base, xs, w, density=dens, lambda_=lam, normalize=normalize, out_dtype=out_dtype,
+                               backend=backend)
+                want = ref.ties_reference(base, xs, w, density=dens, lambda_=lam, normalize=normalize,
+                                          out_dtype=out_dtype)
+                _assert_same(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_dare_matches_reference(backend, in_dtype):
+    for k in range(1, 5):
+        for shape in [(7,), (33, 65)]:
+            base, xs = _inputs(shape, k, in_dtype, seed=20 + k)
+            w, dens = WEIGHTS[:k], [0.3, 0.9, 1.0, 0.0][:k]
+            for consensus, rescale in [(False, "inverse_density"), (True, "l1"), (True, None), (False, [2.0] * k)]:
+                kw = dict(density=dens, seed=5, tensor_index=3, consensus=consensus, rescale=rescale,
+                          out_dtype=torch.float32)
+                got = ops.dare(base, xs, w, backend=backend, **kw)
+                want = ref.dare_reference(base, xs, w, **kw)
+                if rescale == "l1" and backend == "triton":  # fp32 partial L1 sums per program
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                else:
+                    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_large_odd_size_bf16(backend):
+    n = 1_000_003
+    base, xs = _inputs((n,), 3, torch.bfloat16, seed=3)
+    w = WEIGHTS[:3]
+    _assert_same(ops.weighted_sum(xs, w, backend=backend), ref.weighted_sum_reference(xs, w))
+    _assert_same(ops.ties(base, xs, w, density=[0.3, 0.5, 0.01], backend=backend),
+                 ref.ties_reference(base, xs, w, density=[0.3, 0.5, 0.01]))
+    _assert_same(ops.dare(base, xs, w, density=0.4, seed=1, tensor_index=9, consensus=True, backend=backend),
+                 ref.dare_reference(base, xs, w, density=0.4, seed=1, tensor_index=9, consensus=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffer_is_reused(backend):
+    base, xs = _inputs((33, 65), 2, torch.bfloat16)
+    out = torch.empty((33, 65), dtype=torch.float32)
+    got = ops.ties(base, xs, [1.0, 1.0], density=0.4, out=out, backend=backend)
+    assert got.data_ptr() == out.data_ptr()
+    _assert_same(out, ref.ties_reference(base, xs, [1.0, 1.0], density=0.4, out_dtype=torch.float32))
+    got = ops.weighted_sum(xs, [0.5, 0.5], out=out, backend=backend)
+    assert got.data_ptr() == out.data_ptr()
+
+
+# ---------------------------------------------------------------- TIES magnitude selection
+def _check_topk_rule(base, x, density, key, cutoff):
+    keys = ref.magnitude_keys_reference(base, x)
+    n = keys.numel()
+    k = ref.magnitude_keep_count(n, density)
+    kept = ref.magnitude_mask_reference(base, x, key, cutoff)
+    assert int(kept.sum()) == k
+    if 0 < k < n:
+        top = torch.topk(keys, k).values
+        assert key == int(top[-1])
+        assert key == int(torch.kthvalue(keys, n - k + 1).values)
+        assert int(keys[kept].min()) >= int(keys[~kept].max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thresholds_are_exact_topk(backend):
+    # bf16 task vectors: many equal magnitudes, so the tie pass is exercised
+    for seed, shape, density in [(0, (1,), 0.5), (1, (7,), 0.3), (2, (257, 33), 0.37), (3, (1000,), 0.999),
+                                 (4, (3001,), 1e-4), (5, (64,), 0.0), (6, (64,), 1.0)]:
+        base, xs = _inputs(shape, 2, torch.bfloat16, seed=seed, noise=0.002)
+        th = ops.magnitude_thresholds(base, xs, density, backend=backend)
+        for x, key, cutoff in zip(xs, th.keys, th.cutoffs):
+            assert (key, cutoff) == ref.magnitude_threshold_reference(base, x, density)
+            _check_topk_rule(base, x, density, key, cutoff)
+    # the tie pass really ran: a cutoff inside the tensor
+    base, xs = _inputs((257, 33), 1, torch.bfloat16, seed=2, noise=0.002)
+    assert ops.magnitude_thresholds(base, xs, 0.37, backend=backend).cutoffs[0] < base.numel()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selection_and_ties_compose_over_row_chunks(backend):
+    rows, cols = 301, 17
+    base, xs = _inputs((rows, cols), 3, torch.bfloat16, seed=7, noise=0.003)
+    dens = [0.4, 0.11, 0.75]
+    whole = ops.magnitude_thresholds(base, xs, dens, backend=backend)
+    bounds = [0, 1, 100, 250, rows]
+    sel = ops.MagnitudeSelection(base.numel(), dens)
+    passes = 0
+    while not sel.done:
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            sel.update(base[lo:hi], [x[lo:hi] for x in xs], element_offset=lo * cols, backend=backend)
+        sel.finish_pass()
+        passes += 1
+    assert passes == 3 and sel.thresholds() == whole
+    merged = torch.empty((rows, cols), dtype=torch.bfloat16)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ops.ties(base[lo:hi], [x[lo:hi] for x in xs], [1.0, 0.5, 0.25], density=dens, thresholds=whole,
+                 element_offset=lo * cols, out=merged[lo:hi], backend=backend)
+    _assert_same(merged, ref.ties_reference(base, xs, [1.0, 0.5, 0.25], density=dens))
+
+
+def test_selection_rejects_missing_or_unordered_chunks():
+    base, xs = _inputs((40, 5), 1, torch.bfloat16, noise=0.002)
+    sel = ops.MagnitudeSelection(base.numel(), [0.5])
+    sel.update(base[:20], [xs[0][:20]])
+    with pytest.raises(ValueError, match="saw 100 of 200"):
+        sel.finish_pass()
+    sel = ops.MagnitudeSelection(base.numel(), [0.37])
+    for _ in range(2):
+        sel.update(base, xs)
+        sel.finish_pass()
+    assert sel.stage == 2  # the tie pass needs ascending offsets
+    with pytest.raises(ValueError, match="in order"):
+        sel.update(base[20:], [xs[0][20:]], element_offset=100)
+
+
+# ---------------------------------------------------------------- DARE stream
+def test_dare_stream_same_on_every_backend_and_matches_python_ints():
+    key = ref.dare_stream_key(11, 4, 2)
+    want = torch.tensor([ref._mix64(key + (i + 1) * ref.DARE_GAMMA) >> 32 for i in range(1000, 1300)])
+    assert torch.equal(ref.dare_uniform_reference(key, 300, 1000), want)
+    for backend in BACKENDS:
+        mask = ops.dare_keep_mask(300, 0.3, seed=11, tensor_index=4, expert_index=2, element_offset=1000,
+                                  backend=backend)
+        assert torch.equal(mask, want < ref.dare_keep_below(0.3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dare_is_chunking_invariant(backend):
+    base, xs = _inputs((97, 13), 2, torch.bfloat16, seed=4)
+    kw = dict(density=[0.3, 0.6], seed=17, tensor_index=42, consensus=True, out_dtype=torch.float32)
+    whole = ops.dare(base, xs, [1.0, 0.5], backend=backend, **kw)
+    chunked = torch.empty_like(whole)
+    for lo, hi in [(0, 10), (10, 11), (11, 97)]:
+        ops.dare(base[lo:hi], [x[lo:hi] for x in xs], [1.0, 0.5], element_offset=lo * 13, out=chunked[lo:hi],
+                 backend=backend, **kw)
+    _assert_same(chunked, whole)
+    # L1 rescale factors accumulated over chunks equal the whole-tensor ones
+    l1 = ops.DareL1Rescale([0.3, 0.6], seed=17, tensor_index=42)
+    for lo, hi in [(50, 97), (0, 50)]:
+        l1.update(base[lo:hi], [x[lo:hi] for x in xs], element_offset=lo * 13, backend=backend)
+    whole_l1 = ops.DareL1Rescale([0.3, 0.6], seed=17, tensor_index=42)
+    whole_l1.update(base, xs, backend=backend)
+    assert l1.factors() == pytest.approx(whole_l1.factors(), rel=1e-6)
+
+
+def test_dare_keep_rate_and_rescale_are_exact():
+    n, density = 400_000, 0.3
+    base = torch.zeros(n)
+    x = torch.full((n,), 0.5)
+    for backend in BACKENDS:
+        out = ops.dare(base, [x], [1.0], density=density, seed=3, tensor_index=0, backend=backend)
+        kept = out != 0
+        rate = kept.double().mean().item()
+        assert abs(rate - density) < 5 * math.sqrt(density * (1 - density) / n)
+        assert torch.equal(out[kept], torch.full_like(out[kept], 0.5 * float(torch.tensor(1 / density))))
+    # keep probability is density to 2^-33
+    assert abs(ref.dare_keep_below(density) / 2**32 - density) <= 2**-33
+    # different seeds, tensors and experts give different streams
+    masks = [ops.dare_keep_mask(1000, 0.5, seed=s, tensor_index=t, expert_index=e)
+             for s, t, e in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]]
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            assert not torch.equal(masks[i], masks[j])
+
+
+# ---------------------------------------------------------------- no NaN, errors
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_inputs_never_give_nan(backend):
+    base, xs = _inputs((3, 7), 2, torch.bfloat16)
+    same = [base.clone(), base.clone()]  # tau = 0: sign election keeps nothing, divisor 0 -> 1
+    for out in [ops.ties(base, same, [1.0, 1.0], density=0.5, backend=backend),
+                ops.dare(base, same, [1.0, 1.0], density=0.5, seed=0, tensor_index=0, consensus=True,
+                         rescale="l1", backend=backend),
+                ops.task_arithmetic(base, xs, [1.0, -1.0], normalize=True, backend=backend),  # sum w = 0 -> 1
+                ops.ties(base, xs, [0.0, 0.0], density=0.5, backend=backend),
+                ops.dare(base, xs, [1.0, 1.0], density=0.0, seed=0, tensor_index=0, backend=backend)]:
+        assert not torch.isnan(out).any()
+    assert torch.equal(ops.ties(base, same, [1.0, 1.0], density=0.5, backend=backend), base)
+    assert torch.equal(ops.dare(base, xs, [1.0, 1.0], density=0.0, seed=0, tensor_index=0, backend=backend), base)
+
+
+def test_errors_name_the_argument():
+    base, xs = _inputs((4, 5), 2, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"tensors\[1\] has shape"):
+        ops.ties(base, [xs[0], xs[1][:3]], [1.0, 1.0], density=0.5)
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype"):
+        ops.task_arithmetic(base, [xs[0].float(), xs[1]], [1.0, 1.0])
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype"):
+        ops.weighted_sum([xs[0], xs[1].half()], [1.0, 1.0])
+    with pytest.raises(ValueError, match="weights has 1 entries for 2 tensors"):
+        ops.weighted_sum(xs, [1.0])
+    with pytest.raises(ValueError, match="density has 3 entries"):
+        ops.ties(base, xs, [1.0, 1.0], density=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="out has shape"):
+        ops.weighted_sum(xs, [1.0, 1.0], out=torch.empty(3))
+    with pytest.raises(ValueError, match="out has dtype"):
+        ops.weighted_sum(xs, [1.0, 1.0], out=torch.empty((4, 5)), out_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        ops.weighted_sum([xs[0].double()], [1.0])
+    with pytest.raises(ValueError, match="non-empty list"):
+        ops.weighted_sum([], [])
+    with pytest.raises(ValueError, match="needs whole-tensor thresholds"):
+        ops.ties(base, xs, [1.0, 1.0], density=0.5, element_offset=10)
+    with pytest.raises(ValueError, match="sum to 0"):
+        ops.weighted_sum(xs, [1.0, -1.0], normalize=True)
+    with pytest.raises(ValueError, match="rescale must be"):
+        ops.dare(base, xs, [1.0, 1.0], density=0.5, seed=0, tensor_index=0, rescale="l2")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.weighted_sum(xs, [1.0, 1.0], backend="cuda")
