@@ -23,7 +23,6 @@ from alignmerge.plan import MergePlan, TensorTask
 class WorkUnit:
     task: TensorTask
     rows: tuple[int, int]
-    prepass: bool = False  # True: accumulate the method's whole-tensor statistics over this chunk
 
 
 class BufferPool:
@@ -82,11 +81,7 @@ class Executor:
 
     # ---- unit schedule -------------------------------------------------------------------
     def units(self, tasks: list[TensorTask]) -> Iterator[WorkUnit]:
-        method = self.plan.method
         for task in tasks:
-            if len(task.chunks) > 1 and getattr(method, "prepass", None) is not None:
-                for rows in task.chunks:
-                    yield WorkUnit(task, rows, prepass=True)
             for rows in task.chunks:
                 yield WorkUnit(task, rows)
 
@@ -141,22 +136,10 @@ class Executor:
                 if _nonfinite(x):
                     raise NonFiniteError(f"{label}: tensor {task.name!r} contains NaN or Inf "
                                          "(pass --allow-nonfinite to merge it anyway)")
-        if self.device.type != "cpu":
-            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-            base = base.to(self.device, non_blocking=True) if base is not None else None
-        cast = self.plan.config.dtype
-        if cast is not None:
-            tensors = [t.to(cast) if _rounds(t.dtype, cast) else t for t in tensors]
-            base = base.to(cast) if base is not None and _rounds(base.dtype, cast) else base
-        row_len = math.prod(task.shape[1:]) if task.shape else 1
-        inputs = TensorInputs(
-            name=task.name, models=tensors, params=task.params, method_params=task.method_params, base=base,
-            seed=self.seed, tensor_index=task.index, element_offset=unit.rows[0] * row_len,
-            state=state.get(task.index),
-        )
-        if unit.prepass:
-            state[task.index] = self.plan.method.prepass(inputs)
-            return
+        inputs = self._inputs(task, unit.rows, tensors, base)
+        if len(task.chunks) > 1 and task.index not in state:
+            state[task.index] = self._chunk_statistic(task, inputs)
+        inputs.state = state.get(task.index)
         out = self._out_buffer(task, unit)
         merged = self.plan.method.merge(inputs, out_dtype=task.out_dtype, out=out, backend=self.backend)
         if not self.allow_nonfinite and _nonfinite(merged):
@@ -165,6 +148,29 @@ class Executor:
         if unit.rows[1] == (task.shape[0] if task.shape else 1):
             state.pop(task.index, None)
         self._done(unit, merged.numel() * merged.element_size())
+
+    def _inputs(self, task: TensorTask, rows: tuple[int, int], tensors: list[torch.Tensor],
+                base: torch.Tensor | None) -> TensorInputs:
+        """Move a unit's tensors to the device, apply the config's dtype, and wrap them for the method."""
+        if self.device.type != "cpu":
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+            base = base.to(self.device, non_blocking=True) if base is not None else None
+        cast = self.plan.config.dtype
+        if cast is not None:
+            tensors = [t.to(cast) if _rounds(t.dtype, cast) else t for t in tensors]
+            base = base.to(cast) if base is not None and _rounds(base.dtype, cast) else base
+        row_len = math.prod(task.shape[1:]) if task.shape else 1
+        return TensorInputs(name=task.name, models=tensors, params=task.params, method_params=task.method_params,
+                            base=base, seed=self.seed, tensor_index=task.index, element_offset=rows[0] * row_len)
+
+    def _chunk_statistic(self, task: TensorTask, first: TensorInputs):
+        """Gather the method's whole-tensor statistic over every chunk (extra read passes, slot 2)."""
+        stat = self.plan.method.chunk_statistic(first, math.prod(task.shape))
+        while stat is not None and not stat.done:
+            for rows in task.chunks:
+                stat.update(self._inputs(task, rows, *self._read(WorkUnit(task, rows), 2)))
+            stat.finish_pass()
+        return stat
 
     def _out_buffer(self, task: TensorTask, unit: WorkUnit) -> torch.Tensor:
         shape = (unit.rows[1] - unit.rows[0], *task.shape[1:]) if task.shape else ()

@@ -35,13 +35,30 @@ def make_tiny_llama(path: Path, *, seed: int, dtype=torch.bfloat16, hidden: int 
     return Path(path)
 
 
+def _tiny_family(root: Path, dtype) -> dict:
+    from safetensors.torch import load_file
+
+    base = make_tiny_llama(root / "base", seed=0, dtype=dtype)
+    state = load_file(str(base / "model.safetensors"))
+    experts = [make_tiny_llama(root / f"expert{i}", seed=i + 1, base_state=state, dtype=dtype) for i in range(3)]
+    return {"base": base, "experts": experts}
+
+
 @pytest.fixture(scope="session")
 def tiny_llamas(tmp_path_factory):
     """A base and three fine-tune-like tiny Llama checkpoints (bf16), built once per session."""
-    root = tmp_path_factory.mktemp("tiny_llamas")
-    base = make_tiny_llama(root / "base", seed=0)
-    from safetensors.torch import load_file
+    return _tiny_family(tmp_path_factory.mktemp("tiny_llamas"), torch.bfloat16)
 
-    state = load_file(str(base / "model.safetensors"))
-    experts = [make_tiny_llama(root / f"expert{i}", seed=i + 1, base_state=state) for i in range(3)]
-    return {"base": base, "experts": experts}
+
+@pytest.fixture(scope="session")
+def tiny_llamas_fp32(tmp_path_factory):
+    """The same family stored in fp32 (task-vector magnitudes then have no exact ties)."""
+    return _tiny_family(tmp_path_factory.mktemp("tiny_llamas_fp32"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The demo zoo's ``tiny`` preset ({name: HF dir}), built once per session under a session tmp dir."""
+    from alignmerge.zoo import build_zoo
+
+    return build_zoo(seed=0, preset="tiny", home=tmp_path_factory.mktemp("zoo_home"), progress=False)

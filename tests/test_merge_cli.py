@@ -60,8 +60,11 @@ def bf16_ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
-def test_matches_mergekit(method, tiny_llamas, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", configs(tiny_llamas)[method])
+def test_matches_mergekit(method, tiny_llamas_fp32, tmp_path):
+    """fp32 checkpoints, bf16 output. (On bf16 checkpoints TIES can differ where task-vector magnitudes
+    tie exactly at the top-k threshold: mergekit's unstable argsort picks any of them, we keep the
+    lowest indices; both are valid TIES.)"""
+    cfg = write_config(tmp_path / "cfg.yaml", configs(tiny_llamas_fp32)[method])
     ours, theirs = tmp_path / "ours", tmp_path / "mergekit"
     assert cli_main(["merge", str(cfg), str(ours), "--no-progress"]) == 0
     run_mergekit(cfg, theirs)
@@ -90,7 +93,6 @@ def test_dare_keep_rate_and_rescale_match_mergekit(method, tiny_llamas, tmp_path
     for out in ("ours", "mergekit"):
         merged = load_dir(tmp_path / out)
         kept = total = 0
-        ratios = []
         for name, m in merged.items():
             tau = theta1[name].float() - theta0[name].float()
             delta = m.float() - theta0[name].float()
@@ -98,11 +100,14 @@ def test_dare_keep_rate_and_rescale_match_mergekit(method, tiny_llamas, tmp_path
             keep = (delta != 0) & nz
             kept += int(keep.sum())
             total += int(nz.sum())
-            ratios.append(delta[keep] / tau[keep])
+            if keep.sum() > 50:
+                # rescale: true keeps the L1 norm (mergekit 0.1.5): factor = sum|tau| / sum|kept tau|
+                factor = tau.abs().sum() / tau[keep].abs().sum()
+                ratio = delta[keep] / tau[keep]
+                assert torch.allclose(ratio, factor.expand_as(ratio), rtol=1e-3), f"{out}: {name} rescale"
+                assert 1 / density / 1.5 < factor < 1.5 / density
         rate = kept / total
-        ratio = torch.cat(ratios)
         assert abs(rate - density) < 0.01, f"{out}: keep rate {rate:.4f}"
-        assert torch.allclose(ratio, torch.full_like(ratio, 1 / density), rtol=1e-3), f"{out}: rescale"
 
 
 def test_help_reads_well(capsys):

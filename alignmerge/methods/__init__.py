@@ -24,5 +24,5 @@ def get_method(name: str) -> type[MergeMethod]:
 
 __all__ = ["METHODS", "REQUIRED", "MergeMethod", "TensorInputs", "get_method", "register"]
 
-from alignmerge.methods import fisher  # noqa: E402,F401
+from alignmerge.methods import dare, fisher, linear, task_arithmetic, ties  # noqa: E402,F401
 from alignmerge.methods import regmean  # noqa: E402,F401

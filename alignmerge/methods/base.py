@@ -38,7 +38,7 @@ class TensorInputs:
     tensor_index: int = 0
     element_offset: int = 0
     state: Any = None
-    """Whole-tensor statistics from ``MergeMethod.prepass`` when the tensor is merged in chunks."""
+    """The finished ``MergeMethod.chunk_statistic`` when the tensor is merged in row chunks."""
 
 
 class MergeMethod(ABC):
@@ -54,9 +54,14 @@ class MergeMethod(ABC):
     """Kinds of per-model statistics the method reads (e.g. ("fisher",))."""
     elementwise: ClassVar[bool] = True
     """True if the merge of a row block depends only on that block (so tensors may be chunked)."""
-    prepass: ClassVar[Any] = None
-    """Optional ``prepass(inputs) -> state``: for chunked tensors, called on every chunk (with the state
-    so far in ``inputs.state``) before the merge pass, for whole-tensor statistics such as TIES thresholds."""
+    def chunk_statistic(self, inputs: TensorInputs, numel: int) -> Any:
+        """For a tensor merged in row chunks: a whole-tensor statistic to gather first, or None.
+
+        The object has ``done``, ``update(chunk_inputs)`` and ``finish_pass()``; the executor feeds it
+        every chunk, pass after pass, until ``done``, then merges each chunk with it in ``inputs.state``
+        (e.g. TIES's top-k magnitude thresholds, DARE's L1 rescale sums).
+        """
+        return None
 
     @abstractmethod
     def merge(self, inputs: TensorInputs, *, out_dtype: torch.dtype, out: torch.Tensor | None = None,

@@ -17,9 +17,8 @@ class Linear(MergeMethod):
 
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
         weights = [float(p["weight"]) for p in inputs.params]
-        if inputs.method_params["normalize"]:
-            total = sum(weights)
-            if total == 0:
-                raise ConfigError(f"linear: weights for tensor {inputs.name!r} sum to 0 with normalize: true")
-            weights = [w / total for w in weights]
-        return ops.weighted_sum(inputs.models, weights, out_dtype=out_dtype, out=out, backend=backend)
+        normalize = bool(inputs.method_params["normalize"])
+        if normalize and sum(weights) == 0:
+            raise ConfigError(f"linear: weights for tensor {inputs.name!r} sum to 0 with normalize: true")
+        return ops.weighted_sum(inputs.models, weights, normalize=normalize, out_dtype=out_dtype, out=out,
+                                backend=backend)
