@@ -72,7 +72,7 @@ def _break(kind: str, tiny: dict, tmp: Path):
     elif kind == "duplicate_names":
         data = st_file.read_bytes()
         (n,) = struct.unpack("<Q", data[:8])
-        text = data[8:8 + n].decode()
+        text = data[8:8 + n].decode().rstrip()
         entry = json.dumps({"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]})
         text = text[:-1] + f',"model.norm.weight":{entry}' + "}"
         st_file.write_bytes(struct.pack("<Q", len(text)) + text.encode() + data[8 + n:])
