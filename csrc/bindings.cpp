@@ -55,6 +55,7 @@ uint16_t f32_to_f16(float f) {
 }  // namespace alignmerge
 
 namespace alignmerge { void register_fisher_ops(pybind11::module_& m); }  // csrc/fisher_ops.cpp
+namespace alignmerge { void register_projector_ops(pybind11::module_& m); }  // csrc/projector_ops.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "alignmerge CPU kernels (pybind11 + OpenMP)";
@@ -62,4 +63,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   alignmerge::register_merge_ops(m);
   alignmerge::register_fisher_ops(m);
+  alignmerge::register_projector_ops(m);
 }

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from alignmerge.errors import ConfigError, NonFiniteError
+from alignmerge.ops import projector as projector_ops
 from alignmerge.ops import reference
 from alignmerge.solver import solve_pcg, solve_weight
 from alignmerge.solver.cg import attainable_residual
@@ -113,9 +114,12 @@ def test_penalised_quantity_falls_monotonically_to_zero(terms):
     assert values[-1] < 0.01 * values[0]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cpp-blocked", "triton"])
 @pytest.mark.parametrize("lambda_align,lambda_budget", [(1.0, 0.0), (30.0, 0.0), (0.5, 50.0)])
-def test_fp32_fast_paths_meet_the_kkt_residual(backend, lambda_align, lambda_budget):
+def test_fp32_fast_paths_meet_the_kkt_residual(backend, lambda_align, lambda_budget, monkeypatch):
+    if backend == "cpp-blocked":  # the CPU stand-in used when alignmerge._C is not built
+        monkeypatch.setattr(projector_ops, "cpp_extension", lambda: None)
+        backend = "cpp"
     case = make_case(m=45, n=38, r=5, seed=4)
     res = solve_weight(case["anchor"], case["experts"], case["fishers"], u=case["u"], v=case["v"],
                        f_align=case["f_align"], lambda_align=lambda_align, beta=0.5, lambda_budget=lambda_budget,

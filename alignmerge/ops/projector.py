@@ -11,9 +11,10 @@ Public ops (each takes ``backend``: "torch" | "cpp" | "triton" | None, see ``_ba
   (``lowrank_terms``); returns the reductions for the next iteration.
 
 Backends: "torch" is the plain reference (alignmerge/ops/reference.py). "triton" runs
-kernels/projector.py (CUDA, or CPU under TRITON_INTERPRET=1). "cpp" is the CPU fast path; for this
-family it is a blocked torch-matmul path (rank-r GEMMs on cache-sized row blocks through torch's BLAS,
-elementwise work on the block while it is in cache), which needs no compiled extension.
+kernels/projector.py (CUDA, or CPU under TRITON_INTERPRET=1). "cpp" is the CPU fast path:
+csrc/projector_ops.cpp (alignmerge._C: one OpenMP region per pass, rows streamed in column chunks,
+rank-r panels in cache); if the extension is not built, a blocked torch-matmul path (rank-r GEMMs on
+cache-sized row blocks) stands in for it. benchmarks/projector_solve.py times both.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import os
 import torch
 
 from alignmerge.ops import reference
-from alignmerge.ops._backend import BACKENDS, triton_available, triton_interpreted
+from alignmerge.ops._backend import BACKENDS, cpp_extension, dtype_code, triton_available, triton_interpreted
 
 CPU_BLOCK_ELEMENTS = 1 << 17
 """Elements per row block of the CPU path (≈512 KiB of fp32 per temporary: stays in L2)."""
@@ -92,7 +93,7 @@ def project_factors(x: torch.Tensor, u: torch.Tensor | None = None, v: torch.Ten
     if be == "triton":
         tk = _triton_kernels()
         return tk.project_factors(_rowmajor(x), _thin(u), _thin(v))
-    return _cpu_factors(x, _thin(u), _thin(v))
+    return _cpu_factors(_rowmajor(x), _thin(u), _thin(v))
 
 
 def projection_sqnorm(ux: torch.Tensor | None, xv: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
@@ -187,14 +188,65 @@ def _reference_cg_step(x, r, p, d, u, v, a, g, alpha, beta, mu, precond_mu):
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU path: row blocks small enough to stay in cache; rank-r products through torch's BLAS.
+# CPU path: the C++ kernels when alignmerge._C is built, else blocked torch.
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _cpu_factors(x, u, v):
+    ext = cpp_extension()
+    if ext is None:
+        return _blocked_factors(x, u, v)
+    m, n = x.shape
+    r = (u if u is not None else v).shape[1]
+    ux = torch.empty((r, n), dtype=torch.float32) if u is not None else None
+    xv = torch.empty((m, r), dtype=torch.float32) if v is not None else None
+    vt = v.T.contiguous() if v is not None else None
+    ext.projector_factors(x.data_ptr(), dtype_code(x), m, n, x.stride(0), _ptr(u), _ptr(vt), r, _ptr(ux), _ptr(xv))
+    return ux, xv
+
+
+def _cpu_lowrank_apply(x, d, u, a, g, v, mu, out):
+    ext = cpp_extension()
+    if ext is None:
+        return _blocked_lowrank_apply(x, d, u, a, g, v, mu, out)
+    m, n = out.shape
+    r = (u if u is not None else v).shape[1]
+    x = _rowmajor(x)
+    d = _rowmajor(d) if d is not None else None
+    vt = v.T.contiguous() if v is not None else None
+    ext.projector_apply(x.data_ptr(), dtype_code(x), x.stride(0), _ptr(d), dtype_code(d) if d is not None else 0,
+                        d.stride(0) if d is not None else 0, _ptr(u), _ptr(a), _ptr(g), _ptr(vt), float(mu),
+                        out.data_ptr(), dtype_code(out), out.stride(0), m, n, r)
+    return out
+
+
+def _cpu_cg_step(x, r, p, d, u, a, g, v, alpha, beta, mu, precond_mu):
+    ext = cpp_extension()
+    if ext is None:
+        return _blocked_cg_step(x, r, p, d, u, a, g, v, alpha, beta, mu, precond_mu)
+    m, n = x.shape
+    rank = (u if u is not None else v).shape[1]
+    vt = v.T.contiguous() if v is not None else None
+    sums = torch.empty(5, dtype=torch.float64)
+    uz = torch.empty((rank, n), dtype=torch.float32) if u is not None else None
+    zv = torch.empty((m, rank), dtype=torch.float32) if v is not None else None
+    ext.projector_cg_step(x.data_ptr(), r.data_ptr(), p.data_ptr(), d.data_ptr(), _ptr(u), _ptr(a), _ptr(g),
+                          _ptr(vt), m, n, rank, float(alpha), float(beta), float(mu), float(precond_mu),
+                          sums.data_ptr(), _ptr(uz), _ptr(zv))
+    return sums, uz, zv
+
+
+# Blocked torch stand-in: row blocks small enough to stay in cache; rank-r products through BLAS.
 
 
 def _row_block(n: int) -> int:
     return max(1, CPU_BLOCK_ELEMENTS // max(n, 1))
 
 
-def _cpu_factors(x, u, v):
+def _blocked_factors(x, u, v):
     m, n = x.shape
     r = (u if u is not None else v).shape[1]
     ux = torch.zeros((r, n), dtype=torch.float32) if u is not None else None
@@ -209,7 +261,7 @@ def _cpu_factors(x, u, v):
     return ux, xv
 
 
-def _cpu_lowrank_apply(x, d, u, a, g, v, mu, out):
+def _blocked_lowrank_apply(x, d, u, a, g, v, mu, out):
     m, n = out.shape
     step = _row_block(n)
     vt = v.T.contiguous() if v is not None else None
@@ -229,7 +281,7 @@ def _cpu_lowrank_apply(x, d, u, a, g, v, mu, out):
     return out
 
 
-def _cpu_cg_step(x, r, p, d, u, a, g, v, alpha, beta, mu, precond_mu):
+def _blocked_cg_step(x, r, p, d, u, a, g, v, alpha, beta, mu, precond_mu):
     m, n = x.shape
     rank = (u if u is not None else v).shape[1]
     step = _row_block(n)
