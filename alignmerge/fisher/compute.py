@@ -354,7 +354,7 @@ class BoundaryStore:
 
     def get(self, key: str, device: torch.device) -> torch.Tensor:
         if self.spill:
-            return torch.load(os.path.join(self._dir.name, key + ".pt"), mmap=True).to(device)
+            return torch.load(os.path.join(self._dir.name, key + ".pt")).to(device)
         return self._mem[key].to(device)
 
     def drop(self, key: str) -> None:
