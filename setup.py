@@ -6,7 +6,7 @@ alignmerge falls back to its torch reference implementations at run time.
 import glob
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 try:
@@ -47,18 +47,7 @@ if Pybind11Extension is not None:
     )
 
 setup(
-    packages=[
-        "alignmerge",
-        "alignmerge.ops",
-        "alignmerge.methods",
-        "alignmerge.io",
-        "alignmerge.fisher",
-        "alignmerge.subspace",
-        "alignmerge.solver",
-        "alignmerge.eval",
-        "alignmerge.zoo",
-        "alignmerge.kernels",
-    ],
+    packages=find_packages(include=["alignmerge", "alignmerge.*"]) + ["alignmerge.kernels"],
     package_dir={"alignmerge.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
