@@ -203,3 +203,32 @@ def test_fisher_is_mean_over_sequences(fp32_llama):
     many = compute_fisher(fp32_llama, RECORDS[:1] * 3, batch_size=2)
     assert_close(many, one)
     assert math.isclose(float(one["lm_head.weight"].sum()), float(many["lm_head.weight"].sum()), rel_tol=1e-5)
+
+
+def test_linear_capture_gives_per_sequence_gradients(fp32_llama):
+    """LinearCapture's (a, g): G_n = g_nᵀ a_n is sequence n's gradient (checked against autograd,
+    also Σ_n G_n G_nᵀ, the alignment-subspace statistic)."""
+    from alignmerge.fisher import LinearCapture, load_model, prepare_sequences, sequence_backward
+
+    model = load_model(fp32_llama, dtype=torch.float32, device=torch.device("cpu"))
+    seqs = prepare_sequences(fp32_llama, RECORDS[:3])
+    name = "model.layers.1.mlp.down_proj"
+    stats = {"gram": 0, "seen": []}
+
+    def on_linear(module_name, module, a, g):
+        stats["seen"].append(module_name)
+        grads = torch.einsum("nto,nti->noi", g, a)
+        stats["gram"] = stats["gram"] + torch.einsum("noi,npi->op", grads, grads)
+
+    with LinearCapture(model, on_linear, names={name}) as cap:
+        for _ in sequence_backward(model, seqs, batch_size=2, before_batch=cap.new_batch):
+            pass
+    assert stats["seen"] == [name, name]
+    weight = model.get_submodule(name).weight.requires_grad_(True)
+    want = 0
+    for s in seqs:
+        logits = model(input_ids=s.ids.unsqueeze(0)).logits[0, :-1]
+        ll = torch.log_softmax(logits, -1).gather(1, s.ids[1:, None]).squeeze(1)[s.scored[1:]].sum()
+        (grad,) = torch.autograd.grad(ll, [weight])
+        want = want + grad @ grad.t()
+    assert ((stats["gram"] - want).abs().max() / want.abs().max()).item() <= 1e-5

@@ -317,19 +317,54 @@ def load_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> 
     return model
 
 
+def prepare_sequences(model_dir, data, *, samples: int | None = None, max_length: int = 512,
+                      on_long: str = "truncate") -> list[TokenizedSequence]:
+    """Load and tokenise ``data`` (source string or records) for the model in ``model_dir``;
+    every data error is raised here, before any compute."""
+    return _prepare(model_dir, data, kind="empirical", samples=samples, max_length=max_length, on_long=on_long)[2]
+
+
+def sequence_backward(model: nn.Module, seqs: list[TokenizedSequence], *, batch_size: int = 8,
+                      kind: str = "empirical", seed: int = 0, device="cpu", before_batch=None, after_batch=None):
+    """Run forward + backward of Σ_n −log p(y_n|x_n) batch by batch; yields each batch's size.
+
+    The weights may be frozen: the input embeddings' output is made to require grad so that
+    backward reaches every layer (and hooks such as ``LinearCapture`` see their gradients).
+    ``before_batch()`` / ``after_batch()`` run around each forward+backward (e.g.
+    ``capture.new_batch`` and ``capture.finish_batch``).
+    """
+    device = torch.device(device)
+
+    def make_leaf(module, inputs, output):
+        if not output.requires_grad and torch.is_grad_enabled():
+            return output.detach().requires_grad_()
+        return None
+
+    handle = model.get_input_embeddings().register_forward_hook(make_leaf)
+    try:
+        for indices, ids, scored, lengths in make_batches(seqs, batch_size):
+            if before_batch is not None:
+                before_batch()
+            ids, scored = ids.to(device), scored.to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            targets = batch_targets(logits, ids, scored, lengths, indices, kind, seed)
+            sequence_nll(logits, targets).backward()
+            del logits
+            if after_batch is not None:
+                after_batch()
+            yield len(indices)
+    finally:
+        handle.remove()
+
+
 def _fisher_in_memory(model_dir: Path, seqs, *, kind, batch_size, device, seed, dtype, backend, progress):
     model = load_model(model_dir, dtype=dtype, device=device)
     fisher = {name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in model.named_parameters()}
     bar = _progress(len(seqs), "fisher", progress)
     with SquaredGradCapture(model, fisher, backend=backend) as cap:
-        for indices, ids, scored, lengths in make_batches(seqs, batch_size):
-            cap.new_batch()
-            ids, scored = ids.to(device), scored.to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            targets = batch_targets(logits, ids, scored, lengths, indices, kind, seed)
-            sequence_nll(logits, targets).backward()
-            cap.finish_batch()
-            bar.update(len(indices))
+        for n in sequence_backward(model, seqs, batch_size=batch_size, kind=kind, seed=seed, device=device,
+                                   before_batch=cap.new_batch, after_batch=cap.finish_batch):
+            bar.update(n)
     bar.close()
     for t in fisher.values():
         t.div_(len(seqs))
