@@ -10,8 +10,8 @@ In one run, per shape (out×in, rank r):
   solve       solve_weight (two experts, random Fishers, λ_align, fp32) on the fast path vs a textbook
               Jacobi-PCG written with plain torch ops around the same problem (same tolerance).
 Each line prints the median time, the bytes the fused op must move, and time / floor (1.0 = at the
-copy rate). "fast" is the backend chosen for the tensors' device (CPU: the blocked torch path;
-CUDA: Triton), or --backend.
+copy rate). "fast" is the backend chosen for the tensors' device (CPU: the C++ kernels, plus a
+"blocked" line for the blocked-torch stand-in; CUDA: Triton), or --backend.
 
   python benchmarks/projector_solve.py                      # quick: 1024x1536, r=16
   python benchmarks/projector_solve.py --shapes 4096x4096,4096x14336 --reps 3
@@ -88,6 +88,18 @@ def textbook_pcg(b, d, u, v, mu, tol, max_iter):
     return x, it
 
 
+def blocked(fn):
+    """fn run on the blocked-torch CPU stand-in (what "cpp" uses when alignmerge._C is not built)."""
+    def run():
+        saved = ops.cpp_extension
+        ops.cpp_extension = lambda: None
+        try:
+            return fn()
+        finally:
+            ops.cpp_extension = saved
+    return run
+
+
 def row(name, t_fast, t_plain, nbytes, rate, extra=""):
     floor = nbytes / rate
     plain = f"plain {t_plain * 1e3:9.2f} ms  speed-up {t_plain / t_fast:5.2f}x" if t_plain else ""
@@ -106,15 +118,22 @@ def bench_shape(m, n, r, args, device):
     be = args.backend
 
     x16 = torch.randn(m, n, generator=gen).bfloat16().to(device)
+    cpu_cpp = device.type == "cpu" and be in (None, "cpp") and ops.cpp_extension() is not None
     t_fast = timed(lambda: ops.project(x16, u, v, backend=be), device, args.reps)
     t_plain = timed(lambda: reference.project_reference(x16, u, v), device, args.reps)
     row("project", t_fast, t_plain, 2 * numel * 2, rate, "(bf16 X and Y)")
+    if cpu_cpp:
+        row(" blocked", timed(blocked(lambda: ops.project(x16, u, v, backend="cpp")), device, args.reps),
+            t_plain, 2 * numel * 2, rate, "(blocked-torch CPU stand-in)")
 
     x = torch.randn(m, n, generator=gen).to(device)
     d = (torch.rand(m, n, generator=gen) + 0.1).to(device)
     t_fast = timed(lambda: ops.apply_operator(x, d, u, v, 3.0, backend=be), device, args.reps)
     t_plain = timed(lambda: reference.apply_operator_reference(x, d, u, v, 3.0), device, args.reps)
     row("operator", t_fast, t_plain, 4 * numel * 4, rate, "(fp32)")
+    if cpu_cpp:
+        row(" blocked", timed(blocked(lambda: ops.apply_operator(x, d, u, v, 3.0, backend="cpp")), device,
+                              args.reps), t_plain, 4 * numel * 4, rate, "(blocked-torch CPU stand-in)")
 
     state = [torch.randn(m, n, generator=gen).to(device) * 1e-3 for _ in range(3)]
     a, g = ops.lowrank_terms(*ops.project_factors(state[2], u, v, backend=be), u)
@@ -128,6 +147,10 @@ def bench_shape(m, n, r, args, device):
     t_fast = timed(fused_step, device, args.reps)
     t_plain = timed(plain_step, device, args.reps)
     row("cg_step", t_fast, t_plain, 7 * numel * 4, rate, "(fp32 state)")
+    if cpu_cpp:
+        row(" blocked", timed(blocked(lambda: ops.cg_step(*state, d, u, v, a, g, alpha=1e-3, beta=0.5, mu=3.0,
+                                                          precond_mu=3.0, backend="cpp")), device, args.reps),
+            t_plain, 7 * numel * 4, rate, "(blocked-torch CPU stand-in)")
     del state, x16
 
     anchor = torch.randn(m, n, generator=gen).bfloat16().to(device)

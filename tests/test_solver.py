@@ -225,3 +225,15 @@ def test_pcg_restarts_reach_the_true_residual():
     # in fp64 the same system reaches the requested tolerance itself
     res64 = solve_pcg(b.double(), d.double(), u, v, 50.0, tol=1e-10, backend="torch")
     assert res64.converged and res64.residual <= 1e-10
+
+
+def test_nearly_orthonormal_bf16_bases_are_reorthonormalised():
+    case = make_case(m=9, n=7, r=2, seed=12)
+    weights = [0.2, 0.5, 0.3]
+    res = solve_weight(case["anchor"], case["experts"], case["fishers"], weights=weights,
+                       u=case["u"].bfloat16(), v=case["v"].bfloat16(), lambda_align=3.0, tol=1e-10)
+    exact = solve_weight(case["anchor"], case["experts"], case["fishers"], weights=weights,
+                         u=case["u"], v=case["v"], lambda_align=3.0, tol=1e-10)
+    assert res.stats.kkt_residual < 1e-8
+    # same subspace up to bf16 rounding of the basis
+    assert float((res.delta - exact.delta).norm() / exact.delta.norm()) < 2e-2

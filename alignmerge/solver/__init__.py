@@ -87,7 +87,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     """Solve one weight's AlignMerge objective; returns δ (fp32) and ``SolveStats``.
 
     anchor, experts[k], fishers[k], f_align: same shape, any float dtype (bf16 fine), one device.
-    u (out×r), v (in×r): orthonormal columns, for 2-D weights only (either may be None: one-sided P).
+    u (out×r), v (in×r): bases of the alignment subspace (re-orthonormalised here by QR, so bf16
+    storage is fine), for 2-D weights only (either may be None: one-sided P).
     weights: λ_k per expert (default 1/K). Switches: ``use_projector`` (the ‖Pδ‖² term),
     ``use_falign`` (the β‖δ‖²_{F̂_align} term), ``use_budget`` (the soft budget; it also needs
     lambda_budget > 0). tol: relative residual of each CG solve; max_iter: CG iterations per solve.
@@ -109,8 +110,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
                                    dtype=dtype, name=name)
     delta_bar, metric = problem.delta_bar, problem.metric
     has_p = u is not None or v is not None
-    u_ = None if u is None else u.to(device=anchor.device, dtype=dtype).contiguous()
-    v_ = None if v is None else v.to(device=anchor.device, dtype=dtype).contiguous()
+    u_ = _orthonormal(u, anchor.device, dtype)
+    v_ = _orthonormal(v, anchor.device, dtype)
     c_align = lambda_align * beta if problem.falign is not None else 0.0
     lam_p = lambda_align if (use_projector and has_p) else 0.0
     lam_bud = lambda_budget if (use_budget and has_p) else 0.0
@@ -173,6 +174,15 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
         falign_sqnorm=_floats(problem.falign * delta * delta) if problem.falign is not None else math.nan,
         geo=_floats(metric * (delta - delta_bar) ** 2), kkt_residual=kkt, converged=converged)
     return SolveResult(delta=delta.to(torch.float32), stats=stats)
+
+
+def _orthonormal(basis: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
+    """An orthonormal basis of span(basis) (QR in fp64): U, V stored in bf16 are only nearly
+    orthonormal, and P must be an exact orthogonal projector for the solve to be well posed."""
+    if basis is None:
+        return None
+    q, _ = torch.linalg.qr(basis.to(device=device, dtype=torch.float64))
+    return q.to(dtype).contiguous()
 
 
 def _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol, max_rounds, d_scale):
