@@ -19,7 +19,6 @@ copy rate). "fast" is the backend chosen for the tensors' device (CPU: the C++ k
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 

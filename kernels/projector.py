@@ -52,6 +52,14 @@ def _load_wide(ptr, ks, cols, r, n):
 
 
 @triton.jit
+def _bf16_rne(y):
+    """fp32 → bf16 with round-to-nearest-even done on the bits (the interpreter's cast truncates)."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _factors_kernel(x_ptr, u_ptr, v_ptr, ux_part_ptr, xv_part_ptr, m, n, r, stride_xm,
                     HAS_U: tl.constexpr, HAS_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     R: tl.constexpr, ROW_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -81,7 +89,7 @@ def _factors_kernel(x_ptr, u_ptr, v_ptr, ux_part_ptr, xv_part_ptr, m, n, r, stri
 def _lowrank_apply_kernel(x_ptr, d_ptr, u_ptr, a_ptr, g_ptr, v_ptr, y_ptr, m, n, r, stride_xm, stride_dm,
                           stride_ym, mu, HAS_D: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, OUT_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,7 +106,11 @@ def _lowrank_apply_kernel(x_ptr, d_ptr, u_ptr, a_ptr, g_ptr, v_ptr, y_ptr, m, n,
     if HAS_D:
         y += _load_tile(d_ptr, rows, cols, m, n, stride_dm) * _load_tile(x_ptr, rows, cols, m, n, stride_xm)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if OUT_BF16:
+        out = _bf16_rne(y)
+    else:
+        out = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out, mask=mask)
 
 
 @triton.jit
@@ -218,7 +230,7 @@ def lowrank_apply(x: torch.Tensor, d: torch.Tensor | None, u: torch.Tensor | Non
         g if g is not None else dummy, v if v is not None else dummy, out, m, n, r,
         x.stride(0), d.stride(0) if d is not None else 0, out.stride(0), float(mu),
         HAS_D=d is not None, HAS_U=u is not None, HAS_V=v is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        R=_padded_rank(r), DOT_PRECISION=dot_precision)
+        R=_padded_rank(r), DOT_PRECISION=dot_precision, OUT_BF16=out.dtype == torch.bfloat16)
     return out
 
 
