@@ -4,7 +4,8 @@ A source is a JSONL path whose lines hold either ``text`` or ``prompt`` and ``re
 ``builtin:<name>`` for a corpus of the demo zoo (``alignmerge.zoo.corpora.builtin_corpus``).
 ``tokenize_records`` turns records into token ids plus a mask of *scored* tokens: every token
 after the first for ``text``; only the response tokens (and EOS) for prompt/response records,
-so that log p(y|x) is the sum over the response.
+so that log p(y|x) is the sum over the response. Pairs use the engine's chat format
+("User: <prompt>\nAssistant: <response>", as the zoo models and the evaluation do).
 """
 from __future__ import annotations
 
@@ -109,32 +110,67 @@ def load_tokenizer(model_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
-def tokenize_records(records: list[dict], tokenizer, *, max_length: int, eos_id: int | None = None,
-                     on_long: str = "truncate", origin: str = "data") -> list[TokenizedSequence]:
+def special_token_ids(model_dir: str | Path, tokenizer, config=None) -> tuple[int | None, int | None]:
+    """(bos_id, eos_id): from tokenizer_config.json's bos_token/eos_token, else config.json's ids."""
+    ids: dict[str, int | None] = {"bos": None, "eos": None}
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    if cfg_path.is_file():
+        tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        for key in ids:
+            token = tok_cfg.get(f"{key}_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if isinstance(token, str):
+                ids[key] = tokenizer.token_to_id(token)
+    for key in ids:
+        if ids[key] is None and config is not None:
+            value = getattr(config, f"{key}_token_id", None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            ids[key] = value
+    return ids["bos"], ids["eos"]
+
+
+def chat_format(prompt: str, response: str | None = None) -> str:
+    """The engine's chat format for prompt/response records (the demo zoo is trained on it)."""
+    head = f"User: {prompt}\nAssistant:"
+    return head if response is None else f"{head} {response}"
+
+
+def tokenize_records(records: list[dict], tokenizer, *, max_length: int, bos_id: int | None = None,
+                     eos_id: int | None = None, chat: bool = True, on_long: str = "truncate",
+                     origin: str = "data") -> list[TokenizedSequence]:
     """Tokenise records; sequences over ``max_length`` are truncated (one warning) or raise.
 
-    ``text``: ids = encode(text) (with the tokenizer's special tokens); all tokens after the
-    first are scored. ``prompt``/``response``: ids = encode(prompt) + encode(response, no
-    specials) + [eos_id]; only the response part (and EOS) is scored.
+    ``text``: [BOS] + encode(text) + [EOS], every token after the first scored.
+    ``prompt``/``response``: [BOS] + encode(chat_format(prompt, response)) + [EOS] (``chat``), or
+    the plain concatenation prompt + response; only the response tokens and EOS are scored.
+    BOS/EOS are added only when their ids are known.
     """
     if on_long not in ("truncate", "error"):
         raise DataError(f"on_long must be 'truncate' or 'error', not {on_long!r}")
     if max_length < 2:
         raise DataError(f"max_length must be at least 2 (got {max_length})")
+
+    def enc(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    bos = [bos_id] if bos_id is not None else []
+    eos = [eos_id] if eos_id is not None else []
     out: list[TokenizedSequence] = []
     n_truncated = 0
     for i, rec in enumerate(records):
         if "text" in rec:
-            ids = tokenizer.encode(rec["text"]).ids
-            scored = [False] + [True] * (len(ids) - 1)
+            ids = bos + enc(rec["text"]) + eos
+            n_head = 1
         else:
-            prompt = tokenizer.encode(rec["prompt"]).ids if rec["prompt"] else []
-            response = tokenizer.encode(rec["response"], add_special_tokens=False).ids
-            if eos_id is not None:
-                response = response + [eos_id]
-            ids = prompt + response
-            scored = [False] * len(prompt) + [True] * len(response)
-            scored[0] = False
+            head_text = chat_format(rec["prompt"]) if chat else rec["prompt"]
+            full_text = chat_format(rec["prompt"], rec["response"]) if chat else rec["prompt"] + rec["response"]
+            head, full = bos + enc(head_text), bos + enc(full_text)
+            if full[: len(head)] != head:  # a token merged across the boundary: encode the parts apart
+                full = head + enc((" " if chat else "") + rec["response"])
+            ids, n_head = full + eos, max(1, len(head))
+        scored = [False] * n_head + [True] * (len(ids) - n_head)
         if len(ids) > max_length:
             if on_long == "error":
                 raise DataError(

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from alignmerge.cli import main as cli_main
-from alignmerge.data import load_tokenizer, tokenize_records
+from alignmerge.data import load_tokenizer, special_token_ids, tokenize_records
 from alignmerge.errors import ConfigError, DataError
 from alignmerge.fisher import compute_fisher
 from alignmerge.fisher.compute import sample_labels
@@ -55,7 +55,9 @@ def brute_force_fisher(model_dir, records, kind, seed=0, max_length=512):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
-    seqs = tokenize_records(records, load_tokenizer(model_dir), max_length=max_length, eos_id=model.config.eos_token_id)
+    tok = load_tokenizer(model_dir)
+    bos, eos = special_token_ids(model_dir, tok, model.config)
+    seqs = tokenize_records(records, tok, max_length=max_length, bos_id=bos, eos_id=eos)
     params = dict(model.named_parameters())
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     for n, s in enumerate(seqs):
@@ -132,10 +134,10 @@ def test_backpack_sum_grad_squared_agrees_on_lm_head(fp32_llama):
     from backpack.extensions import SumGradSquared
 
     from alignmerge.data import pad_batch
-    from alignmerge.fisher.compute import load_model
+    from alignmerge.fisher import load_model, prepare_sequences
 
     model = load_model(fp32_llama, dtype=torch.float32, device=torch.device("cpu"))
-    seqs = tokenize_records(RECORDS, load_tokenizer(fp32_llama), max_length=64, eos_id=model.config.eos_token_id)
+    seqs = prepare_sequences(fp32_llama, RECORDS)
     ids, scored, _ = pad_batch(seqs)
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state  # [N, T, H]

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory budget such as 8GB; above it the model is streamed layer by layer")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute dtype of weights and activations (Fisher is always accumulated in fp32)")
+    parser.add_argument("--format", choices=["chat", "plain"], default="chat",
+                        help="prompt/response records as 'User: <prompt>\\nAssistant: <response>' (chat, default) or "
+                             "plainly concatenated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the label sampling for --kind true")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     fisher = compute_fisher(
         args.model_dir, args.data, args.out, kind=args.kind, samples=args.samples, max_length=args.max_length,
         batch_size=args.batch_size, device=args.device, max_memory=args.max_memory, seed=args.seed,
-        dtype=getattr(torch, args.dtype), on_long=args.on_long, progress=not args.no_progress and sys.stderr.isatty(),
+        dtype=getattr(torch, args.dtype), on_long=args.on_long, chat=args.format == "chat", progress=not args.no_progress and sys.stderr.isatty(),
     )
     total = sum(float(t.sum()) for t in fisher.values())
     print(f"wrote {args.out}: {len(fisher)} tensors, kind={args.kind}, sum={total:.4g}")

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignmerge.data import TokenizedSequence, load_records, load_tokenizer, pad_batch, tokenize_records
+from alignmerge.data import (TokenizedSequence, load_records, load_tokenizer, pad_batch, special_token_ids,
+                             tokenize_records)
 from alignmerge.errors import CheckpointError, ConfigError, DataError
 from alignmerge.fisher.capture import SquaredGradCapture, supported_parameters
 
@@ -201,7 +202,7 @@ def estimate_bytes(skeleton: nn.Module, config, *, batch_size: int, seq_len: int
     return {"in_memory": int(in_memory), "streamed": int(streamed), "params": int(n_params)}
 
 
-def _prepare(model_dir, data, *, kind, samples, max_length, on_long):
+def _prepare(model_dir, data, *, kind, samples, max_length, on_long, chat=True):
     model_dir = Path(model_dir)
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -214,11 +215,9 @@ def _prepare(model_dir, data, *, kind, samples, max_length, on_long):
     context = getattr(config, "max_position_embeddings", None) or max_length
     limit = min(max_length, context)
     tokenizer = load_tokenizer(model_dir)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    seqs = tokenize_records(records, tokenizer, max_length=limit, eos_id=eos, on_long=on_long,
-                            origin=str(data) if not isinstance(data, list) else "data")
+    bos, eos = special_token_ids(model_dir, tokenizer, config)
+    seqs = tokenize_records(records, tokenizer, max_length=limit, bos_id=bos, eos_id=eos, on_long=on_long,
+                            chat=chat, origin=str(data) if not isinstance(data, list) else "data")
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None:
         top = max(int(s.ids.max()) for s in seqs)
@@ -237,16 +236,17 @@ def _progress(total: int, desc: str, enabled: bool):
 def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", samples: int | None = None,
                    max_length: int = 512, batch_size: int = 8, device: str = "cpu", max_memory=None,
                    seed: int = 0, dtype: torch.dtype = torch.float32, on_long: str = "truncate",
-                   stream: bool | None = None, backend: str | None = None,
+                   stream: bool | None = None, backend: str | None = None, chat: bool = True,
                    progress: bool = False) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the model in ``model_dir`` on ``data`` (a source string or records).
 
     Returns fp32 tensors under the model's parameter names; with ``out`` also writes them
     (atomically) as safetensors with metadata (model, data, kind, N). ``stream=None`` streams
     only when the in-memory estimate exceeds ``max_memory`` (e.g. "8GB"); ``True`` forces it.
+    ``chat``: prompt/response records in the chat format (see ``alignmerge.data.chat_format``).
     """
     model_dir, config, seqs = _prepare(model_dir, data, kind=kind, samples=samples, max_length=max_length,
-                                       on_long=on_long)
+                                       on_long=on_long, chat=chat)
     budget = _parse_memory(max_memory)
     device = torch.device(device)
     skel = _skeleton(config, dtype)
@@ -318,10 +318,11 @@ def load_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> 
 
 
 def prepare_sequences(model_dir, data, *, samples: int | None = None, max_length: int = 512,
-                      on_long: str = "truncate") -> list[TokenizedSequence]:
+                      on_long: str = "truncate", chat: bool = True) -> list[TokenizedSequence]:
     """Load and tokenise ``data`` (source string or records) for the model in ``model_dir``;
     every data error is raised here, before any compute."""
-    return _prepare(model_dir, data, kind="empirical", samples=samples, max_length=max_length, on_long=on_long)[2]
+    return _prepare(model_dir, data, kind="empirical", samples=samples, max_length=max_length, on_long=on_long,
+                    chat=chat)[2]
 
 
 def sequence_backward(model: nn.Module, seqs: list[TokenizedSequence], *, batch_size: int = 8,

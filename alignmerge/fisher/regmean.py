@@ -16,10 +16,10 @@ from alignmerge.data import pad_batch
 
 def compute_gram(model_dir, data, out=None, *, samples: int | None = None, max_length: int = 512,
                  batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 on_long: str = "truncate", progress: bool = False) -> dict[str, torch.Tensor]:
+                 on_long: str = "truncate", chat: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
     """Mean input Gram matrix of each nn.Linear of the model on ``data``; written to ``out`` if given."""
     model_dir, _, seqs = _prepare(model_dir, data, kind="empirical", samples=samples, max_length=max_length,
-                                  on_long=on_long)
+                                  on_long=on_long, chat=chat)
     device = torch.device(device)
     model = load_model(model_dir, dtype=dtype, device=device)
     param_name = {id(p): n for n, p in model.named_parameters()}
