@@ -21,7 +21,7 @@ import torch
 
 from alignmerge.errors import ConfigError, NonFiniteError
 from alignmerge.ops import projector as ops
-from alignmerge.solver.cg import CGResult, solve_pcg
+from alignmerge.solver.cg import CGResult, _norm, solve_pcg
 from alignmerge.solver.objective import Problem, fisher_merge_problem
 
 __all__ = ["SolveResult", "SolveStats", "solve_weight", "solve_pcg", "CGResult", "Problem",
@@ -73,7 +73,7 @@ class SolveResult:
 
 
 def _floats(t: torch.Tensor) -> float:
-    return float(t.double().sum())
+    return float(t.sum(dtype=torch.float64))
 
 
 def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: list[torch.Tensor], *,
@@ -117,7 +117,7 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     lam_bud = lambda_budget if (use_budget and has_p) else 0.0
     d_eff = metric + c_align * problem.falign if c_align > 0 else metric
     b = metric * delta_bar
-    bnorm = float(b.double().norm())
+    bnorm = _norm(b)
 
     def p_sqnorm(x: torch.Tensor) -> float:
         if not has_p:
@@ -163,9 +163,9 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     mu_true = mu_of(s) if math.isfinite(lam_bud) or not budget_on else mu
     if method == "cg":
         grad = ops.apply_operator(delta, d_eff, u_, v_, mu_true, backend=be).to(dtype) - b
-        kkt = float(grad.double().norm()) / bnorm if bnorm > 0 else 0.0
+        kkt = _norm(grad) / bnorm if bnorm > 0 else 0.0
     else:
-        kkt = float((d_eff * delta - b).double().norm()) / bnorm if bnorm > 0 else 0.0
+        kkt = _norm(d_eff * delta - b) / bnorm if bnorm > 0 else 0.0
     violation = max(0.0, s - budget) if lam_bud > 0 else 0.0
     stats = SolveStats(
         method=method, dtype=str(dtype).replace("torch.", ""), cg_iterations=cg_iterations,

@@ -52,14 +52,14 @@ def solve_pcg(b: torch.Tensor, d: torch.Tensor, u: torch.Tensor | None, v: torch
     v_ = None if v is None else v.to(dtype).contiguous()
     b = b.contiguous()
     d = d.contiguous()
-    bnorm = float(b.double().norm())
+    bnorm = _norm(b)
     x = torch.zeros_like(b) if x0 is None else x0.to(dtype).contiguous().clone()
     if bnorm == 0.0:
         return CGResult(torch.zeros_like(b), 0, 0.0, True)
     precond_mu = mu if jacobi_projector else 0.0
     iterations = 0
     r = (b - ops.apply_operator(x, d, u_, v_, mu, backend=backend).to(dtype)).contiguous()
-    residual = float(r.double().norm()) / bnorm
+    residual = _norm(r) / bnorm
     previous = math.inf
     for _ in range(max_restarts + 1):
         if residual <= tol or iterations >= max_iter or not math.isfinite(residual):
@@ -68,8 +68,8 @@ def solve_pcg(b: torch.Tensor, d: torch.Tensor, u: torch.Tensor | None, v: torch
             break  # a restart no longer helps: rounding-level accuracy reached
         previous = residual
         z = r / _precond(d, u_, v_, precond_mu)
-        rz = float((r.double() * z).sum())
-        zdz = float((z.double() * d * z).sum())
+        rz = float(torch.dot(r.view(-1), z.view(-1)))
+        zdz = float(torch.dot((d * z).view(-1), z.view(-1)))
         uz, zv = ops.project_factors(z, u_, v_, backend=backend)
         del z
         p = torch.zeros_like(b)
@@ -95,8 +95,13 @@ def solve_pcg(b: torch.Tensor, d: torch.Tensor, u: torch.Tensor | None, v: torch
             beta = rz_new / rz
             rz = rz_new
         r = (b - ops.apply_operator(x, d, u_, v_, mu, backend=backend).to(dtype)).contiguous()
-        residual = float(r.double().norm()) / bnorm
+        residual = _norm(r) / bnorm
     return CGResult(x, iterations, residual, residual <= max(tol, attainable_residual(x, d, mu, bnorm)))
+
+
+def _norm(t: torch.Tensor) -> float:
+    """‖t‖_F in t's precision (torch's scaled reduction; no fp64 copy of a big matrix)."""
+    return float(torch.linalg.vector_norm(t))
 
 
 def attainable_residual(x: torch.Tensor, d: torch.Tensor, mu: float, bnorm: float) -> float:
@@ -106,5 +111,5 @@ def attainable_residual(x: torch.Tensor, d: torch.Tensor, mu: float, bnorm: floa
     larger of the two, so ``converged`` means "as accurate as the working precision allows".
     """
     eps = torch.finfo(x.dtype).eps
-    return 2.0 * eps * (float(d.max()) + abs(mu)) * float(x.double().norm()) / bnorm
+    return 2.0 * eps * (float(d.max()) + abs(mu)) * _norm(x) / bnorm
 
