@@ -237,3 +237,15 @@ def test_nearly_orthonormal_bf16_bases_are_reorthonormalised():
     assert res.stats.kkt_residual < 1e-8
     # same subspace up to bf16 rounding of the basis
     assert float((res.delta - exact.delta).norm() / exact.delta.norm()) < 2e-2
+
+
+def test_warm_start_from_a_previous_round_saves_iterations():
+    case = make_case(m=40, n=33, r=6, seed=13)
+    common = dict(u=case["u"], v=case["v"], f_align=case["f_align"], beta=0.5, fp64_max_numel=0)
+    first = solve_weight(case["anchor"], case["experts"], case["fishers"], lambda_align=4.0, **common)
+    cold = solve_weight(case["anchor"], case["experts"], case["fishers"], lambda_align=5.0, **common)
+    warm = solve_weight(case["anchor"], case["experts"], case["fishers"], lambda_align=5.0,
+                        warm_start=first.delta, **common)
+    assert warm.stats.kkt_residual < 1e-4 and cold.stats.kkt_residual < 1e-4
+    assert warm.stats.cg_iterations < cold.stats.cg_iterations
+    assert float((warm.delta - cold.delta).norm() / cold.delta.norm()) < 1e-4

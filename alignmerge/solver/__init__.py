@@ -83,7 +83,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
                  use_falign: bool = True, use_budget: bool = True, anchor_fisher: torch.Tensor | None = None,
                  anchor_weight: float = 0.0, normalize_fishers: bool = True, fisher_floor: float = 0.1,
                  tol: float = 1e-6, max_iter: int = 500, max_rounds: int = 30, fp64_max_numel: int = 1 << 18,
-                 jacobi_projector: bool = True, backend: str | None = None, name: str = "tensor") -> SolveResult:
+                 jacobi_projector: bool = True, warm_start: torch.Tensor | None = None, backend: str | None = None,
+                 name: str = "tensor") -> SolveResult:
     """Solve one weight's AlignMerge objective; returns δ (fp32) and ``SolveStats``.
 
     anchor, experts[k], fishers[k], f_align: same shape, any float dtype (bf16 fine), one device.
@@ -92,6 +93,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     weights: λ_k per expert (default 1/K). Switches: ``use_projector`` (the ‖Pδ‖² term),
     ``use_falign`` (the β‖δ‖²_{F̂_align} term), ``use_budget`` (the soft budget; it also needs
     lambda_budget > 0). tol: relative residual of each CG solve; max_iter: CG iterations per solve.
+    warm_start: an earlier δ for this weight (e.g. the previous λ_align round of the AQI loop) to
+    start CG from instead of δ̄.
     """
     weights = list(weights) if weights is not None else [1.0 / len(experts)] * len(experts)
     if (u is not None or v is not None) and anchor.dim() != 2:
@@ -153,7 +156,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
 
         solve.iterations = lambda: cg_iterations
         mu = lam_p
-        delta, s = solve(mu, delta_bar)
+        start = delta_bar if warm_start is None else warm_start.to(device=delta_bar.device, dtype=dtype)
+        delta, s = solve(mu, start)
         if budget_on and s > budget:
             delta, s, mu = _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol,
                                                max_rounds, float(d_eff.mean()))
