@@ -16,6 +16,7 @@ import torch
 from alignmerge.errors import NonFiniteError
 from alignmerge.io.writer import ShardedWriter
 from alignmerge.methods import TensorInputs
+from alignmerge.ops import count_nonfinite
 from alignmerge.plan import MergePlan, TensorTask
 
 
@@ -45,12 +46,7 @@ class BufferPool:
 
 
 def _nonfinite(x: torch.Tensor) -> bool:
-    """Cheap NaN/Inf test: one fp32 reduction, confirmed exactly if it is not finite."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return False
-    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
-        return False
-    return not bool(torch.isfinite(x).all())
+    return count_nonfinite(x) > 0
 
 
 def _rounds(src: torch.dtype, dst: torch.dtype) -> bool:

@@ -56,6 +56,7 @@ uint16_t f32_to_f16(float f) {
 
 namespace alignmerge { void register_fisher_ops(pybind11::module_& m); }  // csrc/fisher_ops.cpp
 namespace alignmerge { void register_projector_ops(pybind11::module_& m); }  // csrc/projector_ops.cpp
+namespace alignmerge { void register_check_ops(pybind11::module_& m); }  // csrc/check_ops.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "alignmerge CPU kernels (pybind11 + OpenMP)";
@@ -64,4 +65,5 @@ PYBIND11_MODULE(_C, m) {
   alignmerge::register_merge_ops(m);
   alignmerge::register_fisher_ops(m);
   alignmerge::register_projector_ops(m);
+  alignmerge::register_check_ops(m);
 }

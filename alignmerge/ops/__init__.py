@@ -5,3 +5,4 @@ from alignmerge.ops.merge import (  # noqa: F401
     DareL1Rescale, MagnitudeSelection, MagnitudeThresholds, dare, dare_keep_mask, magnitude_thresholds,
     task_arithmetic, ties, weighted_sum,
 )
+from alignmerge.ops.checks import count_nonfinite  # noqa: F401

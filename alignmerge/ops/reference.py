@@ -289,3 +289,9 @@ def dare_reference(base, tensors, weights, *, density, seed, tensor_index, lambd
         factors = [float(f) for f in rescale]
     return gta_reference(base, tensors, weights, keep_masks=masks, rescale=factors, consensus=consensus,
                          normalize=normalize, lambda_=lambda_, out_dtype=out_dtype)
+
+
+# --- checks ---
+def count_nonfinite_reference(x: torch.Tensor) -> int:
+    """Number of NaN/Inf elements (the oracle for alignmerge.ops.checks)."""
+    return int((~torch.isfinite(x)).sum())
