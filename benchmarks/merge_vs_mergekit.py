@@ -52,7 +52,8 @@ def main() -> None:
     ck = Checkpoint(base)
     n_params = sum(ck.nbytes(n) for n in ck.names()) // 2
     print(f"checkpoints: 3 experts + base, {n_params / 1e6:.0f}M parameters each (bf16), in {work / 'models'}")
-    print(f"memory copy rate (read+write): {copy_rate_gbs():.1f} GB/s")
+    rate = copy_rate_gbs()
+    print(f"memory copy rate (read+write): {rate:.1f} GB/s")
     print(f"{'method':<8} {'tool':<11} {'wall s':>8} {'peak RSS GB':>12}")
     for method in args.methods:
         cfg_path = work / f"{method}.yaml"
@@ -60,15 +61,23 @@ def main() -> None:
         results = {}
         out = work / f"out-{method}-alignmerge"
         shutil.rmtree(out, ignore_errors=True)
-        results["alignmerge"] = run_measured([sys.executable, "-m", "alignmerge", "merge", str(cfg_path), str(out),
-                                              "--threads", str(args.threads), "--no-progress"])
+        ours = [sys.executable, "-m", "alignmerge", "merge", str(cfg_path), str(out), "--threads", str(args.threads),
+                "--no-progress", "--overwrite"]
+        results["alignmerge"] = run_measured(ours)
+        results["no-prefetch"] = run_measured(ours + ["--no-prefetch"])
         if not args.skip_mergekit and shutil.which("mergekit-yaml"):
             out = work / f"out-{method}-mergekit"
             shutil.rmtree(out, ignore_errors=True)
             results["mergekit"] = run_measured([shutil.which("mergekit-yaml"), str(cfg_path), str(out), "--quiet",
                                                 "--num-threads", str(args.threads)])
+        moved = sum(f.stat().st_size for d in ([base] if method != "linear" else []) + experts
+                    for f in d.glob("*.safetensors")) + sum(f.stat().st_size for f in out.glob("*.safetensors"))
         for tool, (wall, rss, code) in results.items():
             print(f"{method:<8} {tool:<11} {wall:8.2f} {rss:12.2f}" + ("" if code == 0 else f"  (exit {code})"))
+        wall = results["alignmerge"][0]
+        print(f"{method:<8} prefetch   {results['no-prefetch'][0] / wall:8.2f}x faster than without; "
+              f"{moved / wall / 1e9:.2f} GB/s end to end = {moved / wall / 1e9 / rate:.0%} of the copy rate "
+              "(process start included)")
         if "mergekit" in results and results["mergekit"][2] == 0 and results["alignmerge"][2] == 0:
             print(f"{method:<8} speed-up   {results['mergekit'][0] / results['alignmerge'][0]:8.1f}x")
 
