@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -110,6 +110,13 @@ inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
+}
+
+// 1 if sign(wd) equals the elected sign (+ when vote >= 0, else -), 0 otherwise (also for wd == 0).
+inline float agree_mask(float vote, float wd) {
+  const bool positive = vote >= 0.0f;
+  const bool agrees = (positive & (wd > 0.0f)) | (!positive & (wd < 0.0f));
+  return agrees ? 1.0f : 0.0f;
 }
 
 inline uint64_t dare_uniform32(uint64_t key, uint64_t gi) { return mix64(key + (gi + 1) * kGamma) >> 32; }
@@ -207,11 +214,13 @@ void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, i
         const float wk = p.weights[k];
         if (p.sparsify == kMagnitude) {
           const uint32_t t = p.threshold_keys[k];
-          const int64_t cut = p.tie_cutoffs[k] - g0;  // local cutoff
-          for (int64_t j = 0; j < len; ++j) {
+          // ties at the threshold are kept for local indices below cut (clamped to the block)
+          const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(p.tie_cutoffs[k] - g0, 0, len));
+          const int32_t n32 = static_cast<int32_t>(len);
+          for (int32_t j = 0; j < n32; ++j) {
             const float d = Io<IN>::load(x, s + j) - b[j];
             const uint32_t key = magnitude_key(d);
-            const bool keep = key > t || (key == t && j < cut);
+            const bool keep = (key > t) | ((key == t) & (j < cut));
             wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
           }
         } else if (p.sparsify == kRandom) {
@@ -245,14 +254,15 @@ void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, i
         for (size_t k = 0; k < K; ++k) {
           const float* wd = wd_buf.data() + k * kBlock;
           const float wk = p.weights[k];
-          for (int64_t j = 0; j < len; ++j) {
-            const bool positive = vote[j] >= 0.0f;
-            const bool agrees = positive ? wd[j] > 0.0f : wd[j] < 0.0f;
-            const float m = agrees ? 1.0f : 0.0f;
-            if (k == 0) {
+          if (k == 0) {
+            for (int64_t j = 0; j < len; ++j) {
+              const float m = agree_mask(vote[j], wd[j]);
               mixed[j] = wd[j] * m;
               div[j] = wk * m;
-            } else {
+            }
+          } else {
+            for (int64_t j = 0; j < len; ++j) {
+              const float m = agree_mask(vote[j], wd[j]);
               mixed[j] = mixed[j] + wd[j] * m;
               div[j] = div[j] + wk * m;
             }
@@ -327,9 +337,9 @@ void magnitude_histogram_impl(const void* base, const std::vector<const void*>& 
     const int64_t nblocks = (pn + kBlock - 1) / kBlock;
 #pragma omp parallel
     {
-      std::vector<uint32_t> local(K * kBins, 0u);
+      std::vector<uint32_t> local(2 * K * kBins, 0u);
+      std::vector<uint32_t> keys(K * kBlock);
       alignas(64) float b[kBlock];
-      alignas(64) uint32_t keys[kBlock];
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t s = p0 + blk * kBlock;
@@ -339,18 +349,46 @@ void magnitude_histogram_impl(const void* base, const std::vector<const void*>& 
           const uint32_t prefix = prefixes[k];
           if (prefix == kSkipPrefix) continue;
           const void* x = xs[k];
-          for (int64_t j = 0; j < len; ++j) keys[j] = magnitude_key(Io<IN>::load(x, s + j) - b[j]);
-          uint32_t* h = local.data() + k * kBins;
+          uint32_t* __restrict key = keys.data() + k * kBlock;
+          for (int64_t j = 0; j < len; ++j) key[j] = magnitude_key(Io<IN>::load(x, s + j) - b[j]);
           if (level == 0) {
-            for (int64_t j = 0; j < len; ++j) ++h[keys[j] >> 16];
+            // two interleaved copies break the store-to-load chains of runs that hit one bin
+            uint32_t* h0 = local.data() + (2 * k) * kBins;
+            uint32_t* h1 = h0 + kBins;
+            int64_t j = 0;
+            for (; j + 1 < len; j += 2) {
+              ++h0[key[j] >> 16];
+              ++h1[key[j + 1] >> 16];
+            }
+            if (j < len) ++h0[key[j] >> 16];
           } else {
-            for (int64_t j = 0; j < len; ++j)
-              if ((keys[j] >> 16) == prefix) ++h[keys[j] & 0xffffu];
+            // compact the low halves of the keys in the prefix's bucket (branch-free), then count them
+            uint32_t* h = local.data() + (2 * k) * kBins;
+            int64_t m = 0;
+            int64_t j = 0;
+#if defined(__AVX512F__)
+            const __m512i want = _mm512_set1_epi32(static_cast<int>(prefix));
+            const __m512i low = _mm512_set1_epi32(0xffff);
+            for (; j + 16 <= len; j += 16) {
+              const __m512i v = _mm512_loadu_si512(key + j);
+              const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(v, 16), want);
+              _mm512_mask_compressstoreu_epi32(key + m, hit, _mm512_and_si512(v, low));
+              m += __builtin_popcount(hit);
+            }
+#endif
+            for (; j < len; ++j) {
+              const uint32_t v = key[j];
+              key[m] = v & 0xffffu;
+              m += (v >> 16) == prefix;
+            }
+            for (int64_t j = 0; j < m; ++j) ++h[key[j]];
           }
         }
       }
 #pragma omp critical
-      for (size_t i = 0; i < K * kBins; ++i) hist[i] += local[i];
+      for (size_t k = 0; k < K; ++k)
+        for (int i = 0; i < kBins; ++i)
+          hist[k * kBins + i] += local[(2 * k) * kBins + i] + local[(2 * k + 1) * kBins + i];
     }
   }
 }
@@ -374,19 +412,23 @@ void magnitude_tie_cutoffs_impl(const void* base, const std::vector<const void*>
                                 const std::vector<uint32_t>& keys, const std::vector<int64_t>& need,
                                 std::vector<int64_t>& counts, std::vector<int64_t>& cutoffs) {
   const size_t K = xs.size();
-  const int nthreads = std::max(1, omp_get_max_threads());
-  const int64_t span = (n + nthreads - 1) / nthreads;
-  std::vector<int64_t> per_thread(static_cast<size_t>(nthreads) * K, 0);
-#pragma omp parallel num_threads(nthreads)
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<int32_t> per_block(static_cast<size_t>(nblocks) * K, 0);  // ties per block and expert
+#pragma omp parallel
   {
-    const int t = omp_get_thread_num();
-    const int64_t lo = std::min(n, t * span), hi = std::min(n, lo + span);
-    for (size_t k = 0; k < K; ++k) {
-      if (need[k] <= 0) continue;
-      int64_t c = 0;
-      for (int64_t i = lo; i < hi; ++i)
-        c += magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i)) == keys[k];
-      per_thread[t * K + k] = c;
+    alignas(64) float b[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t s = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - s);
+      load_block<IN>(base, s, len, b);
+      for (size_t k = 0; k < K; ++k) {
+        if (need[k] <= 0) continue;
+        const uint32_t t = keys[k];
+        int32_t c = 0;
+        for (int64_t j = 0; j < len; ++j) c += magnitude_key(Io<IN>::load(xs[k], s + j) - b[j]) == t;
+        per_block[blk * K + k] = c;
+      }
     }
   }
   counts.assign(K, 0);
@@ -394,12 +436,12 @@ void magnitude_tie_cutoffs_impl(const void* base, const std::vector<const void*>
   for (size_t k = 0; k < K; ++k) {
     if (need[k] <= 0) continue;
     int64_t before = 0;
-    for (int t = 0; t < nthreads; ++t) {
-      const int64_t c = per_thread[t * K + k];
-      if (cutoffs[k] < 0 && before + c >= need[k]) {
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t c = per_block[blk * K + k];
+      if (cutoffs[k] < 0 && before + c >= need[k]) {  // the need-th tie is in this block
         int64_t seen = before;
-        const int64_t lo = std::min(n, t * span), hi = std::min(n, lo + span);
-        for (int64_t i = lo; i < hi; ++i) {
+        const int64_t s = blk * kBlock, e = std::min(n, s + kBlock);
+        for (int64_t i = s; i < e; ++i) {
           seen += magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i)) == keys[k];
           if (seen == need[k]) {
             cutoffs[k] = i + 1;

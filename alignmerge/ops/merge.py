@@ -29,6 +29,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from alignmerge.ops import reference as ref
@@ -343,10 +344,11 @@ class MagnitudeSelection:
         self._seen = 0
         undecided = [e for e, c in enumerate(self._cutoffs) if c is None]
         if self.stage in (0, 1):
+            hists = self._hist.numpy()  # numpy: single-threaded, no thread-pool wake-ups for 64K bins
             for e in undecided:
-                hist = self._hist[e]
-                from_top = hist.flip(0).cumsum(0)              # count of elements in bins >= 65535 - j
-                j = int(torch.searchsorted(from_top, self._rank[e]))
+                hist = hists[e]
+                from_top = np.cumsum(hist[::-1])               # count of elements in bins >= 65535 - j
+                j = int(np.searchsorted(from_top, self._rank[e]))
                 bin_ = _BINS - 1 - j
                 above = int(from_top[j]) - int(hist[bin_])
                 rank = self._rank[e] - above
@@ -359,7 +361,7 @@ class MagnitudeSelection:
                         self._cutoffs[e] = KEEP_ALL_TIES
                     else:
                         self._need[e] = rank
-            self._hist.zero_()
+            hists.fill(0)
             if self.stage == 0:
                 self.stage = 1
             else:
