@@ -249,3 +249,23 @@ def test_warm_start_from_a_previous_round_saves_iterations():
     assert warm.stats.kkt_residual < 1e-4 and cold.stats.kkt_residual < 1e-4
     assert warm.stats.cg_iterations < cold.stats.cg_iterations
     assert float((warm.delta - cold.delta).norm() / cold.delta.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("side", ["u", "v"])
+@pytest.mark.parametrize("lambda_align,lambda_budget", [(7.0, 0.0), (0.0, 1e6)])
+def test_one_sided_woodbury_matches_cg(side, lambda_align, lambda_budget):
+    case = make_case(m=36, n=28, r=5, seed=14)
+    sides = dict(u=case["u"]) if side == "u" else dict(v=case["v"])
+    common = dict(f_align=case["f_align"], beta=0.3, lambda_align=lambda_align, lambda_budget=lambda_budget,
+                  rho=0.5, **sides)
+    exact = solve_weight(case["anchor"], case["experts"], case["fishers"], **common)
+    iterative = solve_weight(case["anchor"], case["experts"], case["fishers"], one_sided_closed_form=False,
+                             tol=1e-10, **common)
+    assert exact.stats.method == "woodbury" and exact.stats.cg_iterations == 0
+    assert iterative.stats.method == "cg"
+    assert float((exact.delta - iterative.delta).norm() / iterative.delta.norm()) < 1e-5
+    if lambda_budget:  # (the KKT residual with μ re-evaluated is ill-conditioned for λ_bud → ∞)
+        assert exact.stats.p_sqnorm <= exact.stats.budget * (1 + 1e-3)
+        assert exact.stats.p_sqnorm >= exact.stats.budget * (1 - 1e-3)
+    else:
+        assert exact.stats.kkt_residual < 1e-10

@@ -24,7 +24,7 @@ from alignmerge.ops import projector as ops
 from alignmerge.solver.cg import CGResult, _norm, solve_pcg
 from alignmerge.solver.objective import Problem, fisher_merge_problem
 
-__all__ = ["SolveResult", "SolveStats", "solve_weight", "solve_pcg", "CGResult", "Problem",
+__all__ = ["SolveResult", "SolveStats", "solve_weight", "solve_pcg", "one_sided_solve", "CGResult", "Problem",
            "fisher_merge_problem"]
 
 
@@ -33,7 +33,7 @@ class SolveStats:
     """Diagnostics of one weight's solve (all plain Python numbers)."""
 
     method: str
-    """"closed_form" or "cg"."""
+    """"closed_form" (diagonal), "woodbury" (one-sided P, exact) or "cg"."""
     dtype: str
     cg_iterations: int
     fixed_point_rounds: int
@@ -83,7 +83,7 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
                  use_falign: bool = True, use_budget: bool = True, anchor_fisher: torch.Tensor | None = None,
                  anchor_weight: float = 0.0, normalize_fishers: bool = True, fisher_floor: float = 0.1,
                  tol: float = 1e-6, max_iter: int = 500, max_rounds: int = 30, fp64_max_numel: int = 1 << 18,
-                 jacobi_projector: bool = True, warm_start: torch.Tensor | None = None, backend: str | None = None,
+                 jacobi_projector: bool = True, one_sided_closed_form: bool = True, warm_start: torch.Tensor | None = None, backend: str | None = None,
                  name: str = "tensor") -> SolveResult:
     """Solve one weight's AlignMerge objective; returns δ (fp32) and ``SolveStats``.
 
@@ -93,7 +93,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     weights: λ_k per expert (default 1/K). Switches: ``use_projector`` (the ‖Pδ‖² term),
     ``use_falign`` (the β‖δ‖²_{F̂_align} term), ``use_budget`` (the soft budget; it also needs
     lambda_budget > 0). tol: relative residual of each CG solve; max_iter: CG iterations per solve.
-    warm_start: an earlier δ for this weight (e.g. the previous λ_align round of the AQI loop) to
+    one_sided_closed_form: with only u or only v, solve exactly by Woodbury (``one_sided_solve``)
+    instead of CG. warm_start: an earlier δ for this weight (e.g. the previous λ_align round of the AQI loop) to
     start CG from instead of δ̄.
     """
     weights = list(weights) if weights is not None else [1.0 / len(experts)] * len(experts)
@@ -143,18 +144,23 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
         delta = delta_bar.clone() if c_align == 0.0 else b / d_eff
         s = p_sqnorm(delta) if has_p else 0.0
     else:
-        method = "cg"
+        one_sided = one_sided_closed_form and (u_ is None or v_ is None)
+        method = "woodbury" if one_sided else "cg"
 
         def solve(mu_value: float, x0: torch.Tensor) -> tuple[torch.Tensor, float]:
             nonlocal cg_iterations, rounds, converged
+            rounds += 1
+            if one_sided:
+                x = one_sided_solve(b, d_eff, u_, v_, mu_value)
+                solve.stalled = False
+                return x, p_sqnorm(x)
             res = solve_pcg(b, d_eff, u_, v_, mu_value, x0=x0, tol=tol, max_iter=max_iter,
                             jacobi_projector=jacobi_projector, backend=be)
             cg_iterations += res.iterations
-            rounds += 1
             converged = res.converged
+            solve.stalled = res.iterations == 0
             return res.x, p_sqnorm(res.x)
 
-        solve.iterations = lambda: cg_iterations
         mu = lam_p
         start = delta_bar if warm_start is None else warm_start.to(device=delta_bar.device, dtype=dtype)
         delta, s = solve(mu, start)
@@ -165,7 +171,7 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
         raise NonFiniteError(f"{name}: the AlignMerge solve produced NaN/Inf (check the Fishers and u, v)")
     # stationarity of the objective at δ: the budget's multiplier re-evaluated at δ (soft budget)
     mu_true = mu_of(s) if math.isfinite(lam_bud) or not budget_on else mu
-    if method == "cg":
+    if method != "closed_form":
         grad = ops.apply_operator(delta, d_eff, u_, v_, mu_true, backend=be).to(dtype) - b
         kkt = _norm(grad) / bnorm if bnorm > 0 else 0.0
     else:
@@ -178,6 +184,29 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
         falign_sqnorm=_floats(problem.falign * delta * delta) if problem.falign is not None else math.nan,
         geo=_floats(metric * (delta - delta_bar) ** 2), kkt_residual=kkt, converged=converged)
     return SolveResult(delta=delta.to(torch.float32), stats=stats)
+
+
+def one_sided_solve(b: torch.Tensor, d: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None,
+                    mu: float) -> torch.Tensor:
+    """Exact solution of D⊙X + μUUᵀX = B (or D⊙X + μXVVᵀ = B) for any positive diagonal D.
+
+    U-sided, column j: (D_j + μUUᵀ)⁻¹ = D_j⁻¹ − D_j⁻¹U(I/μ + UᵀD_j⁻¹U)⁻¹UᵀD_j⁻¹ (Woodbury). The n
+    r×r matrices UᵀD_j⁻¹U come from one GEMM, (U_k U_l)ᵀ_{kl} · D⁻¹ (r² × n), and are solved in fp64.
+    The V-sided case is the same on the transpose. Cost ≈ r² multiply-adds per element, one pass.
+    """
+    if mu == 0.0:
+        return b / d
+    if u is None:
+        return one_sided_solve(b.T, d.T, v, None, mu).T.contiguous()
+    m, r = u.shape
+    d_inv = 1.0 / d
+    y = b * d_inv
+    w = u.T @ y  # r × n
+    pairs = (u[:, :, None] * u[:, None, :]).reshape(m, r * r)
+    gram = (pairs.T @ d_inv).T.reshape(-1, r, r).double()  # n × r × r: UᵀD_j⁻¹U
+    gram += torch.eye(r, dtype=torch.float64, device=b.device) / mu
+    c = torch.linalg.solve(gram, w.T.double().unsqueeze(-1)).squeeze(-1).T.to(b.dtype)  # r × n
+    return y - (u @ c) * d_inv
 
 
 def _orthonormal(basis: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
@@ -206,7 +235,6 @@ def _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol,
         mu_next = _model_root(hard, mu_prev, w_prev, slope, lam_p, lam_bud, budget, lo, hi)
         if not lo < mu_next < hi:
             mu_next = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * lo + d_scale
-        iterations_before = solve.iterations()
         delta, s = solve(mu_next, delta)
         h = h_of(mu_next, s)
         if h > 0:
@@ -227,7 +255,7 @@ def _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol,
             break
         if math.isfinite(hi) and (hi - lo) * math.sqrt(s) <= 0.1 * tol * bnorm:
             break
-        if solve.iterations() == iterations_before:
+        if solve.stalled:
             break  # δ already solves the equations for this μ to tol: s cannot be resolved further
     return delta, s, mu
 
