@@ -95,6 +95,7 @@ def make_pass(mode, model, ids):
         if mode == "opacus":
             from opacus import GradSampleModule
 
+            model.train()  # Opacus captures activations only in training mode (Llama has no dropout)
             wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
 
             def run():

@@ -3,8 +3,8 @@
 // g [N, T, O] and a [N, T, I] are contiguous fp32 (the Python launcher converts bf16/fp16),
 // out [O, I] fp32. An 8 x 32 register tile of the per-sample gradient G_n = g_n^T a_n is built
 // over t with AVX-512 FMAs, squared and added into out, so no per-sample gradient is written.
-// Loop order: sample n outermost (a[n] stays in the thread's L2), each thread owning a static
-// range of 8-row blocks of out. Without AVX-512 a scalar loop with the same arithmetic is used.
+// Loop order: sample n outermost (packed a[n] stays in the thread's L2), each thread owning a
+// static range of 8-row blocks of out, no barriers. Without AVX-512 a scalar loop with the same arithmetic is used.
 #include "alignmerge.h"
 
 #include <omp.h>
@@ -81,18 +81,20 @@ void fisher_linear(uintptr_t out_ptr, uintptr_t g_ptr, uintptr_t a_ptr, int64_t 
   const float* a = reinterpret_cast<const float*>(a_ptr);
   const int64_t row_blocks = (O + kRows - 1) / kRows;
   const int64_t col_blocks = (I + kCols - 1) / kCols;
-  // a[n] repacked as col_blocks panels of [T, kCols] (zero-padded): contiguous rows for the
-  // microkernel instead of a 4-byte * I stride that maps every row to the same L1 sets
-  std::vector<float> apack(static_cast<size_t>(col_blocks * T * kCols));
-#pragma omp parallel
+  // Small problems run on one thread: a parallel region costs more than it saves there.
+  const bool parallel = O * I * T * N >= (int64_t{1} << 22) && row_blocks > 1;
+#pragma omp parallel if (parallel)
   {
+    // a[n] repacked per thread as col_blocks panels of [T, kCols] (zero-padded): contiguous
+    // rows for the microkernel instead of a 4*I-byte stride that maps every row to the same
+    // L1 sets. Private copies cost T*I per sample and avoid any barrier between threads.
+    std::vector<float> apack(static_cast<size_t>(col_blocks * T * kCols));
     std::vector<float> panel(static_cast<size_t>(T * kRows));
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t b_begin = row_blocks * tid / nth, b_end = row_blocks * (tid + 1) / nth;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = 0; n < N && b_begin < b_end; ++n) {
       const float* gn = g + n * T * O;
       const float* an = a + n * T * I;
-#pragma omp for schedule(static)
       for (int64_t cb = 0; cb < col_blocks; ++cb) {
         const int64_t i0 = cb * kCols, cols = std::min(kCols, I - i0);
         float* dst = apack.data() + cb * T * kCols;
@@ -100,7 +102,7 @@ void fisher_linear(uintptr_t out_ptr, uintptr_t g_ptr, uintptr_t a_ptr, int64_t 
           for (int64_t c = 0; c < cols; ++c) dst[t * kCols + c] = an[t * I + i0 + c];
           for (int64_t c = cols; c < kCols; ++c) dst[t * kCols + c] = 0.0f;
         }
-      }  // implicit barrier: the packed a[n] is complete
+      }
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t o0 = b * kRows, rows = std::min(kRows, O - o0);
         // pack g[n, :, o0 : o0 + rows] as a [T, kRows] panel (missing rows repeat the last one)
@@ -116,7 +118,6 @@ void fisher_linear(uintptr_t out_ptr, uintptr_t g_ptr, uintptr_t a_ptr, int64_t 
 #endif
         }
       }
-#pragma omp barrier
     }
   }
 }
