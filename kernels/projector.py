@@ -14,7 +14,8 @@ R ≥ 16 for ``tl.dot``) only through masked loads:
   M = D + μ_M·diag(P), diag(P)_ij = a_i + b_j − a_i b_j with a = ‖U_i‖², b = ‖V_j‖² (from the tiles).
 
 Dots run in IEEE fp32 (``DOT_PRECISION``) so fp32 results match the reference to ~1e-6; the
-interpreter (TRITON_INTERPRET=1) runs the same code on CPU tensors.
+interpreter (TRITON_INTERPRET=1) runs the same code on CPU tensors. The block sizes and warp count
+are first guesses for a GPU: so far the kernels are validated under the interpreter only.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import triton.language as tl
 DEFAULT_BLOCK_M = 32
 DEFAULT_BLOCK_N = 128
 DEFAULT_ROW_STEPS = 8
+DEFAULT_NUM_WARPS = 8
 
 
 def _padded_rank(r: int) -> int:
@@ -131,11 +133,11 @@ def _cg_step_kernel(x_ptr, r_ptr, p_ptr, d_ptr, u_ptr, a_ptr, g_ptr, v_ptr, sums
     if HAS_U:
         a_t = _load_wide(a_ptr, ks, cols, r, n)  # R × BN: Uᵀp for this column tile
     uz_acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    acc_rz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_zdz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_zdp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_pdp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_rr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_rz = tl.zeros((), dtype=tl.float32)
+    acc_zdz = tl.zeros((), dtype=tl.float32)
+    acc_zdp = tl.zeros((), dtype=tl.float32)
+    acc_pdp = tl.zeros((), dtype=tl.float32)
+    acc_rr = tl.zeros((), dtype=tl.float32)
     for step in range(0, ROW_STEPS):
         rows = (pid_m * ROW_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < m) & col_mask[None, :]
@@ -165,11 +167,11 @@ def _cg_step_kernel(x_ptr, r_ptr, p_ptr, d_ptr, u_ptr, a_ptr, g_ptr, v_ptr, sums
         tl.store(r_ptr + offs, res, mask=mask)
         tl.store(p_ptr + offs, p, mask=mask)
         dz = d * z
-        acc_rz += res * z
-        acc_zdz += dz * z
-        acc_zdp += dz * p
-        acc_pdp += d * p * p
-        acc_rr += res * res
+        acc_rz += tl.sum(tl.sum(res * z, axis=1), axis=0)
+        acc_zdz += tl.sum(tl.sum(dz * z, axis=1), axis=0)
+        acc_zdp += tl.sum(tl.sum(dz * p, axis=1), axis=0)
+        acc_pdp += tl.sum(tl.sum(d * p * p, axis=1), axis=0)
+        acc_rr += tl.sum(tl.sum(res * res, axis=1), axis=0)
         if HAS_U:
             uz_acc += tl.dot(tl.trans(u_t), z, input_precision=DOT_PRECISION)
         if HAS_V:
@@ -180,11 +182,11 @@ def _cg_step_kernel(x_ptr, r_ptr, p_ptr, d_ptr, u_ptr, a_ptr, g_ptr, v_ptr, sums
         uz_mask = (ks[:, None] < r) & col_mask[None, :]
         tl.store(uz_part_ptr + pid_m * r * n + ks[:, None] * n + cols[None, :], uz_acc, mask=uz_mask)
     tile = pid_m * tl.num_programs(1) + pid_n
-    tl.store(sums_ptr + tile * 5 + 0, tl.sum(tl.sum(acc_rz, axis=1), axis=0))
-    tl.store(sums_ptr + tile * 5 + 1, tl.sum(tl.sum(acc_zdz, axis=1), axis=0))
-    tl.store(sums_ptr + tile * 5 + 2, tl.sum(tl.sum(acc_zdp, axis=1), axis=0))
-    tl.store(sums_ptr + tile * 5 + 3, tl.sum(tl.sum(acc_pdp, axis=1), axis=0))
-    tl.store(sums_ptr + tile * 5 + 4, tl.sum(tl.sum(acc_rr, axis=1), axis=0))
+    tl.store(sums_ptr + tile * 5 + 0, acc_rz)
+    tl.store(sums_ptr + tile * 5 + 1, acc_zdz)
+    tl.store(sums_ptr + tile * 5 + 2, acc_zdp)
+    tl.store(sums_ptr + tile * 5 + 3, acc_pdp)
+    tl.store(sums_ptr + tile * 5 + 4, acc_rr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def cg_step(x: torch.Tensor, r_vec: torch.Tensor, p: torch.Tensor, d: torch.Tens
         g if g is not None else dummy, v if v is not None else dummy, sums, uz_part, zv_part,
         m, n, r, float(alpha), float(beta), float(mu), float(precond_mu),
         HAS_U=u is not None, HAS_V=v is not None, BLOCK_M=block_m, BLOCK_N=block_n, R=_padded_rank(r),
-        ROW_STEPS=row_steps, DOT_PRECISION=dot_precision)
+        ROW_STEPS=row_steps, DOT_PRECISION=dot_precision, num_warps=DEFAULT_NUM_WARPS)
     uz = uz_part.sum(0) if u is not None else None
     zv = zv_part.sum(0) if v is not None else None
     return sums.to(torch.float64).sum(0), uz, zv
