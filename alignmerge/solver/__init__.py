@@ -9,7 +9,8 @@ the weight per iteration), with μ = λ_align + 2λ_bud(‖Pδ‖² − B)_+ fou
 monotone scalar equation (safeguarded secant on the model ‖Pδ(μ)‖^{-1} ≈ linear in μ, which is exact
 when D is constant). ``lambda_budget=inf`` makes the budget a hard constraint ‖Pδ‖² ≤ B.
 Closed forms: no projector (1-D tensors, or P-term and budget off) → δ = Dδ̄ / (D + cF̂_align);
-λ_align = 0 with the budget slack at δ̄ → δ = δ̄ exactly (the Fisher merge).
+λ_align = 0 with the budget slack at δ̄ → δ = δ̄ exactly (the Fisher merge); one-sided P (only U or
+only V) → exact Woodbury solve for any diagonal D (``one_sided_solve``), no CG.
 Tensors up to ``fp64_max_numel`` elements are solved in fp64 (torch reference ops), larger in fp32.
 """
 from __future__ import annotations
@@ -94,8 +95,8 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     ``use_falign`` (the β‖δ‖²_{F̂_align} term), ``use_budget`` (the soft budget; it also needs
     lambda_budget > 0). tol: relative residual of each CG solve; max_iter: CG iterations per solve.
     one_sided_closed_form: with only u or only v, solve exactly by Woodbury (``one_sided_solve``)
-    instead of CG. warm_start: an earlier δ for this weight (e.g. the previous λ_align round of the AQI loop) to
-    start CG from instead of δ̄.
+    instead of CG. warm_start: an earlier δ for this weight (e.g. from the previous λ_align round of
+    the AQI loop) to start CG from instead of δ̄.
     """
     weights = list(weights) if weights is not None else [1.0 / len(experts)] * len(experts)
     if (u is not None or v is not None) and anchor.dim() != 2:
