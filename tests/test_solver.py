@@ -269,3 +269,12 @@ def test_one_sided_woodbury_matches_cg(side, lambda_align, lambda_budget):
         assert exact.stats.p_sqnorm >= exact.stats.budget * (1 - 1e-3)
     else:
         assert exact.stats.kkt_residual < 1e-10
+
+
+def test_bf16_weights_and_fishers_are_accepted():
+    case = make_case(m=50, n=41, r=6, seed=15, dtype=torch.bfloat16)
+    res = solve_weight(case["anchor"], case["experts"], case["fishers"], u=case["u"].bfloat16(),
+                       v=case["v"].bfloat16(), f_align=case["f_align"], lambda_align=2.0, fp64_max_numel=0)
+    assert res.delta.dtype == torch.float32 and torch.isfinite(res.delta).all()
+    assert res.stats.dtype == "float32" and res.stats.kkt_residual < 1e-4
+    assert 0.0 < res.stats.drift < 1.0
