@@ -40,6 +40,21 @@ def _flat3(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def embedding_squared_grads(buf: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """buf[v] += Σ_n (Σ_{t: ids[n,t]=v} g[n,t])²: per-sequence embedding-row gradients, squared.
+
+    One scatter over the (sequence, token id) pairs of the batch; ids [N, T], g [N, T, H].
+    """
+    n_rows = buf.shape[0]
+    keys = ids.reshape(ids.shape[0], -1).to(buf.device)
+    keys = keys + n_rows * torch.arange(keys.shape[0], device=buf.device).unsqueeze(1)
+    rows, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    grad = torch.zeros((rows.numel(), g.shape[-1]), dtype=torch.float32, device=buf.device)
+    grad.index_add_(0, inverse, g.reshape(-1, g.shape[-1]).float())
+    buf.index_add_(0, rows % n_rows, grad.square_())
+    return buf
+
+
 class LinearCapture:
     """Call ``on_linear(name, module, a, g)`` for every nn.Linear under ``root`` in backward.
 
@@ -216,12 +231,7 @@ class SquaredGradCapture:
         if shared:
             self._pending[name].append(("embedding", g, ids))
             return
-        buf = self.buffers[name]
-        for n in range(ids.shape[0]):
-            rows, inverse = torch.unique(ids[n], return_inverse=True)
-            grad = torch.zeros((rows.numel(), g.shape[2]), dtype=torch.float32, device=g.device)
-            grad.index_add_(0, inverse, g[n].float())
-            buf.index_add_(0, rows, grad.square_())
+        embedding_squared_grads(self.buffers[name], ids, g)
 
     def _on_norm(self, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
         kind = _norm_kind(module)

@@ -31,7 +31,7 @@ from torch import nn
 from alignmerge.data import (TokenizedSequence, load_records, load_tokenizer, pad_batch, special_token_ids,
                              tokenize_records)
 from alignmerge.errors import CheckpointError, ConfigError, DataError
-from alignmerge.fisher.capture import SquaredGradCapture, supported_parameters
+from alignmerge.fisher.capture import SquaredGradCapture, embedding_squared_grads, supported_parameters
 
 KINDS = ("empirical", "true")
 SEED_STRIDE = 1_000_003
@@ -526,12 +526,7 @@ def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32Safetensor
         emb_name = "model.embed_tokens.weight"
         emb = torch.zeros(writer.shapes[emb_name], dtype=torch.float32, device=device)
         for b, (indices, ids, _, _) in enumerate(batches):
-            g = store.get(f"d{b}", device)
-            for r in range(ids.shape[0]):
-                rows, inverse = torch.unique(ids[r].to(device), return_inverse=True)
-                grad = torch.zeros((rows.numel(), g.shape[2]), dtype=torch.float32, device=device)
-                grad.index_add_(0, inverse, g[r].float())
-                emb.index_add_(0, rows, grad.square_())
+            embedding_squared_grads(emb, ids, store.get(f"d{b}", device))
             store.drop(f"d{b}")
             bar.update(len(indices))
         writer.write(emb_name, emb.mul_(inv_n))
