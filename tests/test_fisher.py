@@ -193,6 +193,9 @@ def test_cli_errors_are_one_line(fp32_llama, tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
     with pytest.raises(ConfigError, match="kind must be one of"):
         compute_fisher(fp32_llama, RECORDS, kind="fake")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            compute_fisher(fp32_llama, RECORDS, device="cuda")
     with pytest.raises(ConfigError, match="max_memory"):
         compute_fisher(fp32_llama, RECORDS, max_memory="lots")
     with pytest.raises(DataError, match="no tokenizer.json"):

@@ -49,3 +49,17 @@ def test_streaming_rejects_tied_weights(tmp_path):
     add_char_tokenizer(tmp_path / "tied")
     with pytest.raises(ConfigError, match="tied weights"):
         compute_fisher(tmp_path / "tied", RECORDS[:1], stream=True)
+
+
+def test_cli_max_memory_streams(llama3, tmp_path):
+    from alignmerge.cli import main as cli_main
+    from test_fisher import write_jsonl
+
+    skel = _skeleton(_load_config(llama3), torch.float32)
+    est = estimate_bytes(skel, skel.config, batch_size=2, seq_len=40, dtype=torch.float32)
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])
+    out = tmp_path / "cli.safetensors"
+    rc = cli_main(["fisher", str(llama3), "--data", str(data), "--out", str(out), "--batch-size", "2",
+                   "--max-memory", str((est["streamed"] + est["in_memory"]) // 2)])
+    assert rc == 0
+    assert_close(load_file(str(out)), compute_fisher(llama3, RECORDS[:3], batch_size=2))

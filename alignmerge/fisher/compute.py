@@ -202,6 +202,16 @@ def estimate_bytes(skeleton: nn.Module, config, *, batch_size: int, seq_len: int
     return {"in_memory": int(in_memory), "streamed": int(streamed), "params": int(n_params)}
 
 
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
 def _prepare(model_dir, data, *, kind, samples, max_length, on_long, chat=True):
     model_dir = Path(model_dir)
     if kind not in KINDS:
@@ -248,7 +258,7 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
     model_dir, config, seqs = _prepare(model_dir, data, kind=kind, samples=samples, max_length=max_length,
                                        on_long=on_long, chat=chat)
     budget = _parse_memory(max_memory)
-    device = torch.device(device)
+    device = _check_device(device)
     skel = _skeleton(config, dtype)
     ok, bad = supported_parameters(skel)
     if bad:
