@@ -39,16 +39,20 @@ def test_memory_budget_selects_streaming(llama3, tmp_path):
         compute_fisher(llama3, RECORDS[:2], max_memory=1000, batch_size=2)
 
 
-def test_streaming_rejects_tied_weights(tmp_path):
+def test_streaming_tied_embeddings(tmp_path):
+    """A tied lm_head/embedding: streamed per-sample gradient sums both uses, as in memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                          tie_word_embeddings=True)
+    torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
     add_char_tokenizer(tmp_path / "tied")
-    with pytest.raises(ConfigError, match="tied weights"):
-        compute_fisher(tmp_path / "tied", RECORDS[:1], stream=True)
+    ref = compute_fisher(tmp_path / "tied", RECORDS, batch_size=2)
+    got = compute_fisher(tmp_path / "tied", RECORDS, batch_size=2, stream=True)
+    assert "lm_head.weight" not in got
+    assert_close({k: v.clone() for k, v in got.items()}, ref)
 
 
 def test_cli_max_memory_streams(llama3, tmp_path):

@@ -55,6 +55,25 @@ def embedding_squared_grads(buf: torch.Tensor, ids: torch.Tensor, g: torch.Tenso
     return buf
 
 
+def shared_squared_grads(buf: torch.Tensor, parts: list[tuple[str, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """buf += Σ_n (Σ_uses G_use,n)² for a parameter used by several modules (tied embeddings).
+
+    ``parts``: ("linear", g [N,T,out], a [N,T,in]) contributes g_nᵀ a_n; ("embedding", g [N,T,H],
+    ids [N,T]) scatters g_n into the rows of the ids. One dense per-sample buffer is reused.
+    """
+    n_seq = parts[0][1].shape[0]
+    grad = torch.empty(buf.shape, dtype=torch.float32, device=buf.device)
+    for n in range(n_seq):
+        grad.zero_()
+        for kind, g, other in parts:
+            if kind == "linear":
+                grad.addmm_(g[n].reshape(-1, g.shape[-1]).float().t(), other[n].reshape(-1, other.shape[-1]).float())
+            else:
+                grad.index_add_(0, other[n].reshape(-1).to(buf.device), g[n].reshape(-1, g.shape[-1]).float())
+        buf.addcmul_(grad, grad)
+    return buf
+
+
 class LinearCapture:
     """Call ``on_linear(name, module, a, g)`` for every nn.Linear under ``root`` in backward.
 
@@ -250,17 +269,7 @@ class SquaredGradCapture:
     def finish_batch(self) -> None:
         """Square-and-add the per-sample gradients of shared parameters collected in backward."""
         for name, parts in self._pending.items():
-            buf = self.buffers[name]
-            n_seq = parts[0][1].shape[0]
-            grad = torch.empty(buf.shape, dtype=torch.float32, device=buf.device)
-            for n in range(n_seq):
-                grad.zero_()
-                for kind, g, other in parts:
-                    if kind == "linear":
-                        grad.addmm_(g[n].float().t(), other[n].float())
-                    else:
-                        grad.index_add_(0, other[n], g[n].float())
-                buf.addcmul_(grad, grad)
+            shared_squared_grads(self.buffers[name], parts)
         self._pending.clear()
 
 

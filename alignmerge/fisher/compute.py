@@ -31,7 +31,8 @@ from torch import nn
 from alignmerge.data import (TokenizedSequence, load_records, load_tokenizer, pad_batch, special_token_ids,
                              tokenize_records)
 from alignmerge.errors import CheckpointError, ConfigError, DataError
-from alignmerge.fisher.capture import SquaredGradCapture, embedding_squared_grads, supported_parameters
+from alignmerge.fisher.capture import (SquaredGradCapture, embedding_squared_grads, shared_squared_grads,
+                                      supported_parameters)
 
 KINDS = ("empirical", "true")
 SEED_STRIDE = 1_000_003
@@ -277,9 +278,9 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
                 "N": str(len(seqs)), "seed": str(seed), "dtype": str(dtype).replace("torch.", "")}
     if stream:
         tied = _tied_names(skel)
-        if tied:
-            raise ConfigError(f"{model_dir}: streaming does not support tied weights ({', '.join(tied)}); "
-                              "run in memory (no --max-memory) instead")
+        if any(not t.startswith("lm_head.weight = ") for t in tied):
+            raise ConfigError(f"{model_dir}: streaming supports only a tied lm_head/embedding pair, not "
+                              f"{', '.join(tied)}; run in memory (no --max-memory) instead")
         target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignmerge-fisher-")) / "fisher.safetensors"
         writer = Fp32SafetensorsWriter(target, shapes, metadata)
         try:
@@ -418,17 +419,21 @@ class BoundaryStore:
 class _LayerLoader:
     """Materialise a meta-device submodule from the checkpoint files, and free it again."""
 
-    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype,
+                 aliases: dict[str, str] | None = None):
         from alignmerge.io.checkpoint import Checkpoint
 
         self.ckpt = Checkpoint(model_dir)
         self.device, self.dtype = device, dtype
+        self.aliases = aliases or {}  # tied names absent from the files -> the stored name
 
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
         module.to_empty(device=self.device)
         with torch.no_grad():
             for name, t in list(module.named_parameters()) + list(module.named_buffers()):
                 full = prefix + name
+                if full not in self.ckpt and full in self.aliases:
+                    full = self.aliases[full]
                 if full not in self.ckpt:
                     raise CheckpointError(f"{self.ckpt.path}: tensor {full!r} is missing")
                 src = self.ckpt.read(full)
@@ -456,7 +461,9 @@ def _decoder_parts(skel: nn.Module, model_dir: Path):
 def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32SafetensorsWriter, *, kind, batch_size,
                      device, seed, dtype, backend, progress):
     inner = _decoder_parts(skel, model_dir)
-    loader = _LayerLoader(model_dir, device, dtype)
+    tied = skel.lm_head.weight is inner.embed_tokens.weight
+    emb_name = "model.embed_tokens.weight"
+    loader = _LayerLoader(model_dir, device, dtype, aliases={"lm_head.weight": emb_name} if tied else None)
     rotary = type(inner.rotary_emb)(config=skel.config).to(device)
     store = BoundaryStore(spill=device.type == "cpu")
     batches = list(make_batches(seqs, batch_size))
@@ -492,7 +499,7 @@ def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32Safetensor
             """Load ``module``, run ``step(b, capture)`` per batch, write its Fisher, free it."""
             loader.load(module, prefix)
             buffers = {prefix + n: torch.zeros(p.shape, dtype=torch.float32, device=device)
-                       for n, p in module.named_parameters()}
+                       for n, p in module.named_parameters() if prefix + n in writer.shapes}
             with SquaredGradCapture(module, buffers, prefix=prefix, backend=backend) as cap:
                 for b in range(len(batches)):
                     cap.new_batch()
@@ -512,7 +519,11 @@ def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32Safetensor
         def head_step(b):
             indices, ids, scored, lengths = batches[b]
             x = store.get(f"h{b}_{n_layers}", device).requires_grad_()
-            logits = head.lm_head(head.model.norm(x))
+            hidden = head.model.norm(x)
+            logits = head.lm_head(hidden)
+            if tied:  # the lm_head half of the tied weight's per-sample gradient, finished at the embedding
+                store.put(f"ha{b}", hidden)
+                logits.register_hook(lambda g, b=b: store.put(f"hg{b}", g))
             targets = batch_targets(logits, ids.to(device), scored.to(device), lengths, indices, kind, seed)
             sequence_nll(logits, targets).backward()
             store.put(f"d{b}", x.grad)
@@ -533,10 +544,15 @@ def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32Safetensor
             backward_stage(layer, f"model.layers.{li}.", layer_step)
 
         # embeddings: per-sample rows from the gradient at the first boundary (no weights needed)
-        emb_name = "model.embed_tokens.weight"
         emb = torch.zeros(writer.shapes[emb_name], dtype=torch.float32, device=device)
         for b, (indices, ids, _, _) in enumerate(batches):
-            embedding_squared_grads(emb, ids, store.get(f"d{b}", device))
+            if tied:
+                shared_squared_grads(emb, [("linear", store.get(f"hg{b}", device), store.get(f"ha{b}", device)),
+                                           ("embedding", store.get(f"d{b}", device), ids)])
+                store.drop(f"hg{b}")
+                store.drop(f"ha{b}")
+            else:
+                embedding_squared_grads(emb, ids, store.get(f"d{b}", device))
             store.drop(f"d{b}")
             bar.update(len(indices))
         writer.write(emb_name, emb.mul_(inv_n))
