@@ -12,6 +12,7 @@ from alignmerge.errors import AlignMergeError
 COMMANDS = [
     ("merge", "alignmerge.commands.merge"),
     ("fisher", "alignmerge.commands.fisher"),
+    ("subspace", "alignmerge.commands.subspace"),
 ]
 
 DESCRIPTION = """\
