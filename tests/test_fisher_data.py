@@ -1,6 +1,5 @@
 """Data sources and tokenisation for the data-aware passes: scored tokens, formats, limits, errors."""
 import pytest
-import torch
 
 from alignmerge.data import chat_format, load_records, pad_batch, tokenize_records
 from alignmerge.errors import DataError

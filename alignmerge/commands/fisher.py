@@ -20,7 +20,8 @@ HELP = "compute a model's diagonal Fisher on data (JSONL or builtin:<corpus>)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
-    parser.add_argument("--data", required=True, help="JSONL file (text, or prompt+response per line) or builtin:<name>")
+    parser.add_argument("--data", required=True,
+                        help="JSONL file (text, or prompt+response per line) or builtin:<name>")
     parser.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     parser.add_argument("--kind", choices=["empirical", "true"], default="empirical",
                         help="labels from the data (empirical) or sampled from the model (true); default empirical")
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     fisher = compute_fisher(
         args.model_dir, args.data, args.out, kind=args.kind, samples=args.samples, max_length=args.max_length,
         batch_size=args.batch_size, device=args.device, max_memory=args.max_memory, seed=args.seed,
-        dtype=getattr(torch, args.dtype), on_long=args.on_long, chat=args.format == "chat", progress=not args.no_progress and sys.stderr.isatty(),
+        dtype=getattr(torch, args.dtype), on_long=args.on_long, chat=args.format == "chat",
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     total = sum(float(t.sum()) for t in fisher.values())
     print(f"wrote {args.out}: {len(fisher)} tensors, kind={args.kind}, sum={total:.4g}")

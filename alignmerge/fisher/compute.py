@@ -281,7 +281,8 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
         if any(not t.startswith("lm_head.weight = ") for t in tied):
             raise ConfigError(f"{model_dir}: streaming supports only a tied lm_head/embedding pair, not "
                               f"{', '.join(tied)}; run in memory (no --max-memory) instead")
-        target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignmerge-fisher-")) / "fisher.safetensors"
+        # without ``out`` the streamed result lives in a temporary file, returned memory-mapped
+        target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignmerge-fisher-")) / "f.safetensors"
         writer = Fp32SafetensorsWriter(target, shapes, metadata)
         try:
             _fisher_streamed(model_dir, config, skel, seqs, writer, kind=kind, batch_size=batch_size, device=device,
