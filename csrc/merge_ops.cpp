@@ -31,7 +31,7 @@ namespace py = pybind11;
 namespace alignmerge {
 namespace {
 
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = 256;
 constexpr int kBins = 1 << 16;
 constexpr uint32_t kSkipPrefix = 0xffffffffu;
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // splitmix64 increment
