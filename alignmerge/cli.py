@@ -12,6 +12,7 @@ from alignmerge.errors import AlignMergeError
 COMMANDS = [
     ("merge", "alignmerge.commands.merge"),
     ("fisher", "alignmerge.commands.fisher"),
+    ("mergekit-yaml", "alignmerge.commands.mergekit_yaml"),
     ("subspace", "alignmerge.commands.subspace"),
 ]
 
