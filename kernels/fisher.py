@@ -46,7 +46,8 @@ def _fisher_linear_kernel(
             if NATIVE_DOT:
                 grad = tl.dot(gt, at, grad)
             else:
-                grad = tl.dot(gt.to(tl.float32), at.to(tl.float32), grad)
+                # fp32 inputs: full-precision dot (no silent TF32 rounding on tensor-core GPUs)
+                grad = tl.dot(gt.to(tl.float32), at.to(tl.float32), grad, input_precision="ieee")
         fisher += grad * grad
     out_ptrs = out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi
     mask = mask_o[:, None] & mask_i[None, :]
