@@ -1,14 +1,19 @@
 """A PEFT LoRA adapter seen as a full checkpoint: W = W_base + s * B @ A, merged lazily per tensor.
 
-s = lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora). Linear layers store
+s = alpha / r (or alpha / sqrt(r) with use_rslora), with r the rank of the module's A and alpha
+``lora_alpha`` or the module's ``alpha_pattern`` entry (PEFT's pattern match). Linear layers store
 ``lora_A.weight`` (r x in) and ``lora_B.weight`` (out x r); embeddings store ``lora_embedding_A``
-(r x vocab) and ``lora_embedding_B`` (dim x r), whose update is (B @ A)^T. ``modules_to_save``
-tensors replace the base tensor. Referenced in configs as ``base_path+adapter_path`` (mergekit syntax).
+(r x vocab) and ``lora_embedding_B`` (dim x r), whose update is (B @ A)^T. Full tensors saved in the
+adapter replace the base tensor before the update: ``modules_to_save`` copies (``<module>.weight``, or
+``<module>.modules_to_save.default.weight`` in older PEFT) and the ``<module>.base_layer.weight`` that
+PEFT saves for LoRA-adapted embeddings. Adapter tensors of any other kind are an error (never silently
+ignored). Referenced in configs as ``base_path+adapter_path`` (mergekit syntax).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +23,8 @@ from alignmerge.io.checkpoint import Checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LINEAR_A, LINEAR_B = ".lora_A.", ".lora_B."
+EMBEDDING_A, EMBEDDING_B = ".lora_embedding_A", ".lora_embedding_B"
 
 
 class LoraCheckpoint(Checkpoint):
@@ -26,6 +33,8 @@ class LoraCheckpoint(Checkpoint):
     def __init__(self, base_path: str | Path, adapter_path: str | Path, *, allow_pickle: bool = False):
         super().__init__(base_path, allow_pickle=allow_pickle)
         self.adapter_path = Path(adapter_path)
+        if not self.adapter_path.is_dir():
+            raise CheckpointError(f"{self.adapter_path}: LoRA adapter directory does not exist")
         cfg_path = self.adapter_path / ADAPTER_CONFIG
         if not cfg_path.exists():
             raise CheckpointError(f"{self.adapter_path}: not a PEFT LoRA adapter (no {ADAPTER_CONFIG})")
@@ -33,55 +42,95 @@ class LoraCheckpoint(Checkpoint):
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cfg_path}: unreadable adapter config ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: adapter config is not a JSON object")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
         if cfg.get("use_dora"):
-            raise CheckpointError(f"{cfg_path}: DoRA adapters are not supported")
+            raise CheckpointError(f"{cfg_path}: DoRA adapters (use_dora: true) are not supported")
         if cfg.get("fan_in_fan_out"):
             raise CheckpointError(f"{cfg_path}: fan_in_fan_out adapters (Conv1D) are not supported")
-        r = int(cfg.get("r", 8))
-        alpha = float(cfg.get("lora_alpha", r))
-        self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if cfg.get("lora_bias"):
+            raise CheckpointError(f"{cfg_path}: adapters with a LoRA bias (lora_bias: true) are not supported")
+        self.rslora = bool(cfg.get("use_rslora"))
+        self.alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+        self.alpha_pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
         weights = self.adapter_path / ADAPTER_WEIGHTS
         if not weights.exists():
             raise CheckpointError(f"{self.adapter_path}: {ADAPTER_WEIGHTS} is missing")
         self._adapter = Checkpoint.from_file(weights)
-        self._pairs: dict[str, tuple[str, str, bool]] = {}
+        self._pairs: dict[str, tuple[str, str, bool, float]] = {}
         self._replaced: dict[str, str] = {}
+        partners: set[str] = set()
         for key in self._adapter.names():
             module = _strip_prefix(key)
-            if ".lora_A." in module or ".lora_embedding_A" in module:
-                embedding = ".lora_embedding_A" in module
-                target = module.split(".lora_embedding_A" if embedding else ".lora_A.")[0] + ".weight"
-                b_key = key.replace("lora_embedding_A", "lora_embedding_B") if embedding else key.replace(".lora_A.", ".lora_B.")
+            if LINEAR_A in module or EMBEDDING_A in module:
+                embedding = EMBEDDING_A in module
+                module_name = module.split(EMBEDDING_A if embedding else LINEAR_A)[0]
+                target = module_name + ".weight"
+                b_key = key.replace(EMBEDDING_A, EMBEDDING_B) if embedding else key.replace(LINEAR_A, LINEAR_B)
                 if b_key not in self._adapter:
                     raise CheckpointError(f"{weights}: {key!r} has no matching {b_key!r}")
                 if target not in self:
                     raise CheckpointError(f"{weights}: adapter targets {target!r}, which the base model lacks")
-                self._pairs[target] = (key, b_key, embedding)
-            elif ".modules_to_save." in module:
-                target = module.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
+                self._check_pair(weights, key, b_key, target, embedding)
+                self._pairs[target] = (key, b_key, embedding, self._scale(module_name, self._adapter.shape(key)[0]))
+                partners.add(b_key)
+            elif LINEAR_B in module or EMBEDDING_B in module:
+                continue  # checked with its A below
+            else:
+                target = (module.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+                          .replace(".base_layer.", "."))
                 if target not in self:
-                    raise CheckpointError(f"{weights}: modules_to_save tensor {target!r} is not in the base model")
+                    raise CheckpointError(f"{weights}: adapter tensor {key!r} is neither a LoRA factor nor a "
+                                          f"tensor of the base model ({target!r} is missing there)")
+                if self._adapter.shape(key) != self.shape(target):
+                    raise CheckpointError(f"{weights}: {key!r} has shape {list(self._adapter.shape(key))}, the base "
+                                          f"model's {target!r} {list(self.shape(target))}")
                 self._replaced[target] = key
+        orphans = [k for k in self._adapter.names()
+                   if (LINEAR_B in _strip_prefix(k) or EMBEDDING_B in _strip_prefix(k)) and k not in partners]
+        if orphans:
+            raise CheckpointError(f"{weights}: {orphans[0]!r} has no matching LoRA A factor")
+
+    def _scale(self, module_name: str, rank: int) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rsLoRA); alpha from ``alpha_pattern`` as PEFT matches it."""
+        alpha = self.alpha
+        for pattern, value in self.alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pattern})$", module_name):
+                alpha = value
+                break
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+    def _check_pair(self, weights: Path, a_key: str, b_key: str, target: str, embedding: bool) -> None:
+        a_shape, b_shape, w_shape = self._adapter.shape(a_key), self._adapter.shape(b_key), self.shape(target)
+        if len(a_shape) != 2 or len(b_shape) != 2 or len(w_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise CheckpointError(f"{weights}: LoRA factors {a_key!r} {list(a_shape)} and {b_key!r} {list(b_shape)} "
+                                  f"do not form a rank-r update")
+        update = (a_shape[1], b_shape[0]) if embedding else (b_shape[0], a_shape[1])
+        if tuple(update) != tuple(w_shape):
+            raise CheckpointError(f"{weights}: LoRA update of {target!r} has shape {list(update)}, the base model's "
+                                  f"tensor {list(w_shape)}")
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        if name not in self._replaced and name not in self._pairs:
+            return super().read(name, rows=rows, out=out)
         if name in self._replaced:
-            full = self._adapter.read(self._replaced[name]).to(self.dtype(name))
-            result = full[rows[0]:rows[1]] if rows is not None else full
-        elif name in self._pairs:
-            a_key, b_key, embedding = self._pairs[name]
+            base = self._adapter.read(self._replaced[name]).to(self.dtype(name))
+            base = base[rows[0]:rows[1]] if rows is not None else base
+        else:
             base = super().read(name, rows=rows)
+        if name in self._pairs:
+            a_key, b_key, embedding, scale = self._pairs[name]
             a = self._adapter.read(a_key).float()
             b = self._adapter.read(b_key).float()
             if embedding:  # weight (vocab x dim) += (B @ A)^T = A^T @ B^T
-                a_rows = a.t() if rows is None else a.t()[rows[0]:rows[1]]
-                update = a_rows @ b.t()
+                update = (a.t() if rows is None else a.t()[rows[0]:rows[1]]) @ b.t()
             else:          # weight (out x in) += B @ A
                 update = (b if rows is None else b[rows[0]:rows[1]]) @ a
-            result = (base.float() + self.scale * update).to(base.dtype)
+            result = (base.float() + update * scale).to(base.dtype)
         else:
-            return super().read(name, rows=rows, out=out)
+            result = base
         if out is None:
             return result
         n = result.numel() * result.element_size()
