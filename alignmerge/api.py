@@ -187,7 +187,8 @@ def _all_ranks_ok(ok: bool, world: int) -> bool:
 
 
 def _verified_shards(writer: ShardedWriter, progress: dict, layout_key: str) -> dict[str, str]:
-    """Shards recorded as complete by an interrupted run with the same layout whose checksum still matches."""
+    """Shards recorded as complete by an interrupted run with the same layout whose checksum still matches
+    (called before the writer opens its shards, so each checksum is computed from the file)."""
     if progress.get("layout") != layout_key:
         return {}
     done = {}

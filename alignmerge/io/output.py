@@ -2,7 +2,7 @@
 
 The merge is written into ``<parent>/.<name>.partial/``; only when every tensor, the index,
 config, tokenizer files and model card are written and synced is it renamed to ``<name>``.
-Completed shards are recorded with their sha256 in ``progress.json`` inside the staging
+Completed shards are recorded with their CRC-32 in ``progress.json`` inside the staging
 directory, so an interrupted run can be resumed (``--resume``) from them.
 """
 from __future__ import annotations
