@@ -54,8 +54,8 @@ def _orthonormal(rows: int, rank: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, rank, generator=gen, dtype=torch.float64))[0].float().contiguous()
 
 
-def _alignmerge_files(family: dict, tmp_path: Path) -> dict:
-    """Hand-made anchor files for alignmerge: a rank-3 subspace (U, V per 2-D weight) and F_align."""
+def _subspace_file(family: dict, tmp_path: Path) -> str:
+    """A hand-made rank-3 alignment subspace of the anchor: orthonormal U, V per 2-D weight."""
     gen = torch.Generator().manual_seed(7)
     subspace = {}
     for name, t in _tensors(family["base"]).items():
@@ -63,12 +63,18 @@ def _alignmerge_files(family: dict, tmp_path: Path) -> dict:
             subspace[f"{name}.U"] = _orthonormal(t.shape[0], 3, gen)
             subspace[f"{name}.V"] = _orthonormal(t.shape[1], 3, gen)
     save_file(subspace, str(tmp_path / "subspace.safetensors"))
+    return str(tmp_path / "subspace.safetensors")
+
+
+def _alignmerge_files(family: dict, tmp_path: Path) -> dict:
+    """alignmerge's anchor files (subspace, F_align), with the AQI loop off."""
     align_fisher = _hand_made_stat("fisher", family["base"], tmp_path / "align_fisher.safetensors", seed=5)
-    return {"use_aqi_loop": False, "subspace": str(tmp_path / "subspace.safetensors"),
-            "align_fisher": str(align_fisher), "lambda_align": 2.0, "lambda_budget": 1.0}
+    return {"use_aqi_loop": False, "subspace": _subspace_file(family, tmp_path), "align_fisher": str(align_fisher),
+            "lambda_align": 2.0, "lambda_budget": 1.0}
 
 
-METHOD_FILES = {"alignmerge": _alignmerge_files}
+METHOD_FILES = {"alignmerge": _alignmerge_files,
+                "safemerge": lambda family, tmp_path: {"subspace": _subspace_file(family, tmp_path)}}
 
 
 def _config(method: str, family: dict, tmp_path: Path, dtype: str | None) -> dict:
@@ -251,3 +257,14 @@ def test_importing_alignmerge_does_not_import_mergekit():
     code = ("import sys, alignmerge, alignmerge.api, alignmerge.cli, alignmerge.methods; "
             "alignmerge.cli.build_parser(); assert 'mergekit' not in sys.modules, 'mergekit imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_anchor_key_is_refused_before_mergekit_runs(tiny_llamas, tmp_path, capsys):
+    config = {"merge_method": "fisher", "anchor": str(tiny_llamas["base"]),
+              "models": [{"model": str(e)} for e in tiny_llamas["experts"][:2]]}
+    yml = tmp_path / "anchor.yml"
+    yml.write_text(yaml.safe_dump(config))
+    assert cli_main(["mergekit-yaml", str(yml), str(tmp_path / "out")]) == 2
+    assert f"anchor: is an alignmerge key that mergekit ignores; write the anchor as base_model: " \
+           f"{tiny_llamas['base']}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

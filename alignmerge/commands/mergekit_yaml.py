@@ -1,8 +1,9 @@
 """Run a mergekit YAML with mergekit's own runner, alignmerge's methods registered in it.
 
-Every alignmerge method that mergekit lacks (e.g. `merge_method: fisher`, `regmean`, and
-`alignmerge` once available) becomes usable from the YAML; statistics are per-model file
-parameters (`fisher: path/to/model.fisher.safetensors`, from `alignmerge fisher`). Everything
+Every alignmerge method that mergekit lacks (fisher, regmean, alignmerge, safemerge, mergealign)
+becomes usable from the YAML; statistics are per-model file parameters (`fisher:
+path/to/model.fisher.safetensors`, from `alignmerge fisher`), anchor files are method parameters
+(`subspace:`, `align_fisher:`), and the anchor is mergekit's `base_model:`. Everything
 after CONFIG OUT is passed to mergekit-yaml unchanged (e.g. --cuda, --copy-tokenizer,
 --out-shard-size 2B); see `alignmerge mergekit-yaml CONFIG OUT --help` for mergekit's options.
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise AlignMergeError(f"mergekit is not installed ({exc}); install it with `pip install mergekit`") from None
     from alignmerge.mergekit_plugin import register
 
+    _check_config(args.config)
     register()
     try:
         mergekit_yaml.main(args=[args.config, args.out, *args.mergekit_args],
@@ -45,3 +47,19 @@ def run(args: argparse.Namespace) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     return 0
+
+
+def _check_config(path: str) -> None:
+    """Catch what mergekit would silently ignore: our ``anchor:`` key (mergekit knows only ``base_model:``)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as exc:
+        raise AlignMergeError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise AlignMergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(raw, dict) and "anchor" in raw:
+        raise AlignMergeError(f"{path}: anchor: is an alignmerge key that mergekit ignores; write the anchor as "
+                              f"base_model: {raw['anchor']} (or run the config with `alignmerge merge`)")
