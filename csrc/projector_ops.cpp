@@ -1,9 +1,10 @@
 // Alignment-subspace projector kernels (CPU): P(X) = U A + G Vᵀ with A = UᵀX, G = XV − U(UᵀXV),
 // the operator D⊙X + μP(X), and the solver's fused preconditioned-CG step.
 //
-// One OpenMP parallel region per call, rows split statically over threads; each row is walked in
-// column chunks of kChunk so the rank-r panels A[:, chunk] and Vᵀ[:, chunk] stay in L1/L2 while the
-// big matrices stream through once. Column reductions (UᵀX, Uᵀz) go to per-thread buffers summed in
+// One OpenMP parallel region per call, blocks of kRows rows split statically over threads; rows are
+// walked in column chunks of kChunk so the rank-r panels A[:, chunk] and Vᵀ[:, chunk] stay in L1/L2
+// while the big matrices stream through once. Rank-r products are register-blocked (GCC vector
+// extensions: AVX-512/AVX2 as -march allows) with fused multiply-adds. Column reductions (UᵀX, Uᵀz) go to per-thread buffers summed in
 // thread order (deterministic for a fixed thread count); row reductions (XV, zV) are per row.
 // Storage of X/Y in the projector ops: bf16/fp16/fp32, computed in fp32, rounded once.
 // The CG step works on contiguous fp32 state. Launchers: alignmerge/ops/projector.py. GIL released.
@@ -19,6 +20,9 @@
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+// Multiply-adds here may fuse (FMA): these kernels need fp32 accuracy, not bit-equality with torch.
+#pragma GCC optimize("fp-contract=fast")
 
 namespace py = pybind11;
 
@@ -76,52 +80,95 @@ inline void store_chunk(void* p, int dt, int64_t start, int64_t len, const float
   }
 }
 
+// GCC vector extension types (compile to AVX-512, AVX2 or SSE, whatever -march gives); unaligned.
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+constexpr int64_t kVec = 16;
+
+inline vf16 vload(const float* p) { return *reinterpret_cast<const vf16*>(p); }
+inline void vstore(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
+
+// acc[0..len) (+)= Σ_k c[k]·rows[k*n + j0 + j]: register-blocked over 64 columns (4 independent
+// accumulators hide the FMA latency), k innermost, so each panel element is loaded once per row.
+inline void rank_update(const float* __restrict c, const float* __restrict rows, int64_t n, int64_t r, int64_t j0,
+                        int64_t len, float* __restrict acc) {
+  int64_t j = 0;
+  for (; j + 4 * kVec <= len; j += 4 * kVec) {
+    vf16 s0 = vload(acc + j), s1 = vload(acc + j + kVec), s2 = vload(acc + j + 2 * kVec),
+         s3 = vload(acc + j + 3 * kVec);
+    const float* base = rows + j0 + j;
+    for (int64_t k = 0; k < r; ++k) {
+      const float ck = c[k];
+      const float* row = base + k * n;
+      s0 += ck * vload(row);
+      s1 += ck * vload(row + kVec);
+      s2 += ck * vload(row + 2 * kVec);
+      s3 += ck * vload(row + 3 * kVec);
+    }
+    vstore(acc + j, s0);
+    vstore(acc + j + kVec, s1);
+    vstore(acc + j + 2 * kVec, s2);
+    vstore(acc + j + 3 * kVec, s3);
+  }
+  for (; j + kVec <= len; j += kVec) {
+    vf16 s0 = vload(acc + j);
+    for (int64_t k = 0; k < r; ++k) s0 += c[k] * vload(rows + k * n + j0 + j);
+    vstore(acc + j, s0);
+  }
+  for (; j < len; ++j) {
+    float s = acc[j];
+    for (int64_t k = 0; k < r; ++k) s += c[k] * rows[k * n + j0 + j];
+    acc[j] = s;
+  }
+}
+
 // low[0..len) = μ·(Σ_k u_i[k]·A[k, j0+j] + Σ_k g_i[k]·Vt[k, j0+j]) for one row chunk.
 inline void lowrank_chunk(const float* __restrict ui, const float* __restrict a, const float* __restrict gi,
                           const float* __restrict vt, int64_t n, int64_t r, int64_t j0, int64_t len, float mu,
                           float* __restrict low) {
   std::fill(low, low + len, 0.0f);
-  if (ui != nullptr) {
-    for (int64_t k = 0; k < r; ++k) {
-      const float c = ui[k];
-      const float* __restrict row = a + k * n + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) low[j] += c * row[j];
-    }
-  }
-  if (gi != nullptr) {
-    for (int64_t k = 0; k < r; ++k) {
-      const float c = gi[k];
-      const float* __restrict row = vt + k * n + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) low[j] += c * row[j];
-    }
-  }
+  if (ui != nullptr) rank_update(ui, a, n, r, j0, len, low);
+  if (gi != nullptr) rank_update(gi, vt, n, r, j0, len, low);
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) low[j] *= mu;
 }
 
-// Column- and row-reductions of one chunk z[0..len) of row i: colacc[k, j0+j] += u_i[k]·z[j];
-// rowacc[k] += Σ_j z[j]·Vt[k, j0+j].
-inline void reduce_chunk(const float* __restrict z, const float* __restrict ui, const float* __restrict vt,
-                         int64_t n, int64_t r, int64_t j0, int64_t len, float* __restrict colacc,
-                         float* __restrict rowacc) {
-  if (ui != nullptr) {
-    for (int64_t k = 0; k < r; ++k) {
-      const float c = ui[k];
-      float* __restrict dst = colacc + k * n + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) dst[j] += c * z[j];
+// rowacc[k] += Σ_j z[j]·Vt[k, j0+j] for one row chunk (8 dot products at a time share each load of z).
+inline void row_dots(const float* __restrict z, const float* __restrict vt, int64_t n, int64_t r, int64_t j0,
+                     int64_t len, float* __restrict rowacc) {
+  const int64_t jv = len - len % kVec;
+  for (int64_t k0 = 0; k0 < r; k0 += 8) {
+    const int64_t kn = std::min<int64_t>(8, r - k0);
+    vf16 s[8] = {};
+    for (int64_t j = 0; j < jv; j += kVec) {
+      const vf16 zj = vload(z + j);
+      for (int64_t kk = 0; kk < kn; ++kk) s[kk] += zj * vload(vt + (k0 + kk) * n + j0 + j);
+    }
+    for (int64_t kk = 0; kk < kn; ++kk) {
+      float t = 0.0f;
+      for (int64_t l = 0; l < kVec; ++l) t += s[kk][l];
+      const float* row = vt + (k0 + kk) * n + j0;
+      for (int64_t j = jv; j < len; ++j) t += z[j] * row[j];
+      rowacc[k0 + kk] += t;
     }
   }
-  if (vt != nullptr) {
-    for (int64_t k = 0; k < r; ++k) {
-      const float* __restrict row = vt + k * n + j0;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < len; ++j) s += z[j] * row[j];
-      rowacc[k] += s;
-    }
+}
+
+constexpr int64_t kRows = 4;
+
+// colacc[k, j0+j] += Σ_b U[i0+b, k]·z_b[j] over the nb ≤ kRows rows of a row block (z_b = zrows +
+// b·kChunk; rows b ≥ nb must hold finite values): kRows multiply-adds per load/store of colacc.
+inline void column_update(const float* __restrict zrows, const float* __restrict u_block, int64_t nb, int64_t n,
+                          int64_t r, int64_t j0, int64_t len, float* __restrict colacc) {
+  const float* z0 = zrows;
+  const float* z1 = zrows + kChunk;
+  const float* z2 = zrows + 2 * kChunk;
+  const float* z3 = zrows + 3 * kChunk;
+  for (int64_t k = 0; k < r; ++k) {
+    float c[kRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t b = 0; b < nb; ++b) c[b] = u_block[b * r + k];
+    float* __restrict dst = colacc + k * n + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dst[j] += c[0] * z0[j] + c[1] * z1[j] + c[2] * z2[j] + c[3] * z3[j];
   }
 }
 
@@ -161,16 +208,20 @@ void projector_factors(uintptr_t x_ptr, int x_dtype, int64_t m, int64_t n, int64
       col[t].assign(r * n, 0.0f);
       colacc = col[t].data();
     }
-    std::vector<float> buf(kChunk), rowacc(r);
+    std::vector<float> buf(kRows * kChunk, 0.0f), rowacc(kRows * r);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+      const int64_t nb = std::min(kRows, m - i0);
       std::fill(rowacc.begin(), rowacc.end(), 0.0f);
       for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
         const int64_t len = std::min(kChunk, n - j0);
-        load_chunk(x, x_dtype, i * ld + j0, len, buf.data());
-        reduce_chunk(buf.data(), u != nullptr ? u + i * r : nullptr, vt, n, r, j0, len, colacc, rowacc.data());
+        for (int64_t b = 0; b < nb; ++b) {
+          load_chunk(x, x_dtype, (i0 + b) * ld + j0, len, buf.data() + b * kChunk);
+          if (vt != nullptr) row_dots(buf.data() + b * kChunk, vt, n, r, j0, len, rowacc.data() + b * r);
+        }
+        if (u != nullptr) column_update(buf.data(), u + i0 * r, nb, n, r, j0, len, colacc);
       }
-      if (vt != nullptr) std::copy(rowacc.begin(), rowacc.end(), xv + i * r);
+      if (vt != nullptr) std::copy(rowacc.begin(), rowacc.begin() + nb * r, xv + i0 * r);
     }
   }
   if (u != nullptr) sum_thread_buffers(col, r * n, ux);
@@ -243,63 +294,68 @@ void projector_cg_step(uintptr_t x_ptr, uintptr_t r_ptr, uintptr_t p_ptr, uintpt
       col[t].assign(rank * n, 0.0f);
       colacc = col[t].data();
     }
-    std::vector<float> low(kChunk), prec(kChunk), z(kChunk), rowacc(rank);
+    std::vector<float> low(kChunk), prec(kChunk), z(kRows * kChunk, 0.0f), rowacc(kRows * rank);
     double acc[5] = {0, 0, 0, 0, 0};
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-      const float* ui = u != nullptr ? u + i * rank : nullptr;
-      float a_sq = 0.0f;
-      for (int64_t k = 0; ui != nullptr && k < rank; ++k) a_sq += ui[k] * ui[k];
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+      const int64_t nb = std::min(kRows, m - i0);
       std::fill(rowacc.begin(), rowacc.end(), 0.0f);
       for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
         const int64_t len = std::min(kChunk, n - j0);
-        const int64_t off = i * n + j0;
-        float* __restrict xr = x + off;
-        float* __restrict rr = res + off;
-        float* __restrict pr = p + off;
-        const float* __restrict dr = d + off;
-        lowrank_chunk(ui, a, g != nullptr ? g + i * rank : nullptr, vt, n, rank, j0, len, mu, low.data());
-        float* __restrict pc = prec.data();
-        if (precond_mu != 0.0f) {
-          if (vt != nullptr) {
-            const float* __restrict bs = b_sq.data() + j0;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t i = i0 + b;
+          const float* ui = u != nullptr ? u + i * rank : nullptr;
+          float a_sq = 0.0f;
+          for (int64_t k = 0; ui != nullptr && k < rank; ++k) a_sq += ui[k] * ui[k];
+          const int64_t off = i * n + j0;
+          float* __restrict xr = x + off;
+          float* __restrict rr = res + off;
+          float* __restrict pr = p + off;
+          const float* __restrict dr = d + off;
+          lowrank_chunk(ui, a, g != nullptr ? g + i * rank : nullptr, vt, n, rank, j0, len, mu, low.data());
+          float* __restrict pc = prec.data();
+          if (precond_mu != 0.0f) {
+            if (vt != nullptr) {
+              const float* __restrict bs = b_sq.data() + j0;
 #pragma omp simd
-            for (int64_t j = 0; j < len; ++j) pc[j] = dr[j] + precond_mu * (a_sq + bs[j] - a_sq * bs[j]);
+              for (int64_t j = 0; j < len; ++j) pc[j] = dr[j] + precond_mu * (a_sq + bs[j] - a_sq * bs[j]);
+            } else {
+#pragma omp simd
+              for (int64_t j = 0; j < len; ++j) pc[j] = dr[j] + precond_mu * a_sq;
+            }
           } else {
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) pc[j] = dr[j] + precond_mu * a_sq;
+            std::copy(dr, dr + len, pc);
           }
-        } else {
-          std::copy(dr, dr + len, pc);
-        }
-        float* __restrict zc = z.data();
-        const float* __restrict lc = low.data();
-        float s_rz = 0.0f, s_zdz = 0.0f, s_zdp = 0.0f, s_pdp = 0.0f, s_rr = 0.0f;
+          float* __restrict zc = z.data() + b * kChunk;
+          const float* __restrict lc = low.data();
+          float s_rz = 0.0f, s_zdz = 0.0f, s_zdp = 0.0f, s_pdp = 0.0f, s_rr = 0.0f;
 #pragma omp simd reduction(+ : s_rz, s_zdz, s_zdp, s_pdp, s_rr)
-        for (int64_t j = 0; j < len; ++j) {
-          const float pn = rr[j] / pc[j] + beta * pr[j];
-          const float q = dr[j] * pn + lc[j];
-          xr[j] += alpha * pn;
-          const float rn = rr[j] - alpha * q;
-          const float zn = rn / pc[j];
-          rr[j] = rn;
-          pr[j] = pn;
-          zc[j] = zn;
-          const float dz = dr[j] * zn;
-          s_rz += rn * zn;
-          s_zdz += dz * zn;
-          s_zdp += dz * pn;
-          s_pdp += dr[j] * pn * pn;
-          s_rr += rn * rn;
+          for (int64_t j = 0; j < len; ++j) {
+            const float pn = rr[j] / pc[j] + beta * pr[j];
+            const float q = dr[j] * pn + lc[j];
+            xr[j] += alpha * pn;
+            const float rn = rr[j] - alpha * q;
+            const float zn = rn / pc[j];
+            rr[j] = rn;
+            pr[j] = pn;
+            zc[j] = zn;
+            const float dz = dr[j] * zn;
+            s_rz += rn * zn;
+            s_zdz += dz * zn;
+            s_zdp += dz * pn;
+            s_pdp += dr[j] * pn * pn;
+            s_rr += rn * rn;
+          }
+          acc[0] += s_rz;
+          acc[1] += s_zdz;
+          acc[2] += s_zdp;
+          acc[3] += s_pdp;
+          acc[4] += s_rr;
+          if (vt != nullptr) row_dots(zc, vt, n, rank, j0, len, rowacc.data() + b * rank);
         }
-        acc[0] += s_rz;
-        acc[1] += s_zdz;
-        acc[2] += s_zdp;
-        acc[3] += s_pdp;
-        acc[4] += s_rr;
-        reduce_chunk(zc, ui, vt, n, rank, j0, len, colacc, rowacc.data());
+        if (u != nullptr) column_update(z.data(), u + i0 * rank, nb, n, rank, j0, len, colacc);
       }
-      if (vt != nullptr) std::copy(rowacc.begin(), rowacc.end(), zv + i * rank);
+      if (vt != nullptr) std::copy(rowacc.begin(), rowacc.begin() + nb * rank, zv + i0 * rank);
     }
     for (int k = 0; k < 5; ++k) partial[t * 5 + k] = acc[k];
   }
