@@ -40,6 +40,7 @@ namespace alignmerge {
 namespace {
 
 constexpr int64_t kBlock = 256;
+constexpr int64_t kParallelMin = 1 << 15;  // smaller tensors run on one thread (no wake-ups, one histogram)
 constexpr int kBins = 1 << 16;
 constexpr uint32_t kSkipPrefix = 0xffffffffu;
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // splitmix64 increment
@@ -143,7 +144,7 @@ void weighted_sum_impl(const std::vector<const void*>& xs, const std::vector<flo
                        bool normalize, float divisor) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const size_t K = xs.size();
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     alignas(64) float acc[kBlock];
 #pragma omp for schedule(static)
@@ -203,7 +204,7 @@ template <int IN, int OUT>
 void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const size_t K = xs.size();
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     std::vector<float> wd_buf(K * kBlock);
     alignas(64) float b[kBlock];
@@ -338,12 +339,27 @@ template <int IN>
 void magnitude_histogram_impl(const void* base, const std::vector<const void*>& xs, int64_t n, int level,
                               const std::vector<uint32_t>& prefixes, int64_t* hist) {
   const size_t K = xs.size();
+  if (n < kParallelMin) {  // small tensor: count straight into hist, no per-thread tables to clear
+    for (size_t k = 0; k < K; ++k) {
+      const uint32_t prefix = prefixes[k];
+      if (prefix == kSkipPrefix) continue;
+      int64_t* h = hist + k * kBins;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t key = magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i));
+        if (level == 0)
+          ++h[key >> 16];
+        else if ((key >> 16) == prefix)
+          ++h[key & 0xffffu];
+      }
+    }
+    return;
+  }
   // per-thread uint32 bins: split the range so that no bin can overflow
   constexpr int64_t kPiece = int64_t{1} << 31;
   for (int64_t p0 = 0; p0 < n; p0 += kPiece) {
     const int64_t pn = std::min(kPiece, n - p0);
     const int64_t nblocks = (pn + kBlock - 1) / kBlock;
-#pragma omp parallel
+#pragma omp parallel if (pn >= kParallelMin)
     {
       std::vector<uint32_t> local(2 * K * kBins, 0u);
       std::vector<uint32_t> keys(K * kBlock);
@@ -422,7 +438,7 @@ void magnitude_tie_cutoffs_impl(const void* base, const std::vector<const void*>
   const size_t K = xs.size();
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<int32_t> per_block(static_cast<size_t>(nblocks) * K, 0);  // ties per block and expert
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     alignas(64) float b[kBlock];
 #pragma omp for schedule(static)
@@ -488,7 +504,7 @@ void dare_l1_sums_impl(const void* base, const std::vector<const void*>& xs, int
                        double* sums) {
   const size_t K = xs.size();
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     std::vector<double> local(2 * K, 0.0);
     alignas(64) float b[kBlock];
@@ -531,7 +547,7 @@ void dare_l1_sums(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int 
 void dare_uniform(uint64_t key, int64_t element_offset, int64_t n, uintptr_t out_ptr) {
   auto* out = reinterpret_cast<int64_t*>(out_ptr);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int64_t>(dare_uniform32(key, element_offset + i));
 }
 
