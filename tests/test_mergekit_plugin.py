@@ -268,3 +268,38 @@ def test_anchor_key_is_refused_before_mergekit_runs(tiny_llamas, tmp_path, capsy
     assert f"anchor: is an alignmerge key that mergekit ignores; write the anchor as base_model: " \
            f"{tiny_llamas['base']}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_alignmerge_on_the_tiny_zoo_through_mergekit_equals_alignmerge_merge(tiny_zoo, tmp_path):
+    """merge_method: alignmerge from a mergekit YAML on the demo zoo (anchor + two experts), with real
+    statistics files: experts' Fisher on their data, the anchor's subspace (delta estimator) and F_align."""
+    if "alignmerge" not in METHODS:
+        pytest.skip("merge method 'alignmerge' is not registered in alignmerge yet")
+    from alignmerge.fisher.compute import compute_fisher
+    from alignmerge.subspace import compute_subspace
+
+    anchor = tiny_zoo["anchor"]
+    experts = [(tiny_zoo["skill_expert"], "builtin:skill"), (tiny_zoo["misaligned_expert"], "builtin:general")]
+    models = []
+    for i, (expert, data) in enumerate(experts):
+        fisher = tmp_path / f"expert{i}.fisher.safetensors"
+        compute_fisher(expert, data, fisher, samples=8, max_length=64, batch_size=4)
+        models.append({"model": str(expert), "parameters": {"weight": MODEL_WEIGHTS[i], "fisher": str(fisher)}})
+    compute_subspace(anchor, rank=4, out=tmp_path / "subspace.safetensors", method="delta", base_dir=tiny_zoo["base"])
+    compute_fisher(anchor, "builtin:safety", tmp_path / "align.fisher.safetensors", samples=8, max_length=64,
+                   batch_size=4)
+    config = {"merge_method": "alignmerge", "base_model": str(anchor), "models": models,
+              "parameters": {"use_aqi_loop": False, "subspace": str(tmp_path / "subspace.safetensors"),
+                             "align_fisher": str(tmp_path / "align.fisher.safetensors"), "lambda_align": 4.0}}
+    ours = _tensors(alignmerge.merge(config, tmp_path / "alignmerge-out", progress=False).out_dir)
+    theirs = _tensors(_run_mergekit(config, tmp_path, "zoo"))
+    assert sorted(theirs) == sorted(ours)
+    for name, ref in ours.items():
+        assert theirs[name].dtype == ref.dtype, name
+        if ref.dtype == torch.bfloat16:
+            _assert_bf16_within_one_ulp(theirs[name], ref, name)
+        else:
+            torch.testing.assert_close(theirs[name], ref, rtol=1e-5, atol=1e-7, msg=name)
+    anchor_state = _tensors(anchor)
+    assert any(not torch.equal(anchor_state[n], ours[n]) for n in ours)
