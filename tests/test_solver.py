@@ -278,3 +278,21 @@ def test_bf16_weights_and_fishers_are_accepted():
     assert res.delta.dtype == torch.float32 and torch.isfinite(res.delta).all()
     assert res.stats.dtype == "float32" and res.stats.kkt_residual < 1e-4
     assert 0.0 < res.stats.drift < 1.0
+
+
+def test_anchor_fisher_term_and_raw_fishers():
+    case = make_case(seed=16)
+    gen = torch.Generator().manual_seed(17)
+    f_anchor = torch.rand(case["anchor"].shape, generator=gen) * 1e-6
+    weights = [0.5, 0.3, 0.2]
+    res = solve_weight(case["anchor"], case["experts"], case["fishers"], weights=weights, anchor_fisher=f_anchor,
+                       anchor_weight=0.7)
+    anchor = case["anchor"].double()
+    norm = [f.double() / f.double().mean() for f in case["fishers"]]
+    num = sum(w * f * (t.double() - anchor) for w, f, t in zip(weights, norm, case["experts"]))
+    den = sum(w * f for w, f in zip(weights, norm)) + 0.7 * f_anchor.double() / f_anchor.double().mean()
+    assert float((res.delta.double() - num / den).abs().max()) < 1e-7
+    raw = solve_weight(case["anchor"], case["experts"], case["fishers"], weights=weights, normalize_fishers=False)
+    num = sum(w * f.double() * (t.double() - anchor) for w, f, t in zip(weights, case["fishers"], case["experts"]))
+    den = sum(w * f.double() for w, f in zip(weights, case["fishers"]))
+    assert float((raw.delta.double() - num / den).abs().max()) < 1e-7

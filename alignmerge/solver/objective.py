@@ -23,9 +23,9 @@ import torch
 from alignmerge.errors import ConfigError
 
 
-def normalised_fisher(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def normalised_fisher(f: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
     """F / mean(F) in ``dtype`` (zeros stay zeros: a Fisher that is 0 everywhere contributes nothing)."""
-    f = f.to(dtype)
+    f = f.to(device=device if device is not None else f.device, dtype=dtype)
     mean = f.mean()
     return f / mean if float(mean) > 0.0 else torch.zeros_like(f)
 
@@ -57,14 +57,19 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
                               f"the anchor {tuple(anchor.shape)}")
     if any(w < 0 for w in weights) or anchor_weight < 0 or sum(weights) + anchor_weight <= 0:
         raise ConfigError(f"{name}: expert weights must be >= 0 with a positive sum, got {weights}")
-    prep = normalised_fisher if normalize_fishers else (lambda f, dt: f.to(dt))
     base = anchor.to(dtype)
+
+    def prep(f: torch.Tensor) -> torch.Tensor:
+        if normalize_fishers:
+            return normalised_fisher(f, dtype, base.device)
+        return f.to(device=base.device, dtype=dtype)
+
     numerator = torch.zeros_like(base)
     plain = torch.zeros_like(base)
     d_raw = torch.zeros_like(base)
     for theta, fisher, lam in zip(experts, fishers, weights):
-        task = theta.to(dtype) - base
-        f = prep(fisher, dtype)
+        task = theta.to(device=base.device, dtype=dtype) - base
+        f = prep(fisher)
         numerator.add_(lam * f * task)
         plain.add_(task, alpha=lam)
         d_raw.add_(f, alpha=lam)
@@ -72,7 +77,7 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
         if anchor_fisher.shape != anchor.shape:
             raise ConfigError(f"{name}: anchor Fisher has shape {tuple(anchor_fisher.shape)}, "
                               f"the anchor {tuple(anchor.shape)}")
-        d_raw.add_(prep(anchor_fisher, dtype), alpha=anchor_weight)
+        d_raw.add_(prep(anchor_fisher), alpha=anchor_weight)
     plain.div_(sum(weights) + (anchor_weight if anchor_fisher is not None else 0.0))
     positive = d_raw > 0
     delta_bar = torch.where(positive, numerator / torch.where(positive, d_raw, 1.0), plain)
@@ -86,5 +91,5 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
         if f_align.shape != anchor.shape:
             raise ConfigError(f"{name}: alignment Fisher has shape {tuple(f_align.shape)}, "
                               f"the anchor {tuple(anchor.shape)}")
-        falign = normalised_fisher(f_align, dtype)
+        falign = normalised_fisher(f_align, dtype, base.device)
     return Problem(delta_bar=delta_bar, metric=metric, falign=falign)
