@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         for be, sec in ties_rows.items():
             if be != "torch":
                 print(f"fused ties ({be}) vs plain torch at {args.ties_numel} elements: "
-                      f"{ties_rows['torch'] / sec:.1f}x faster")
+                      f"speed-up {ties_rows['torch'] / sec:.1f}x")
     if args.csv and rows:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)
