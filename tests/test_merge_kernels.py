@@ -191,6 +191,10 @@ def test_dare_is_chunking_invariant(backend):
         ops.dare(base[lo:hi], [x[lo:hi] for x in xs], [1.0, 0.5], element_offset=lo * 13, out=chunked[lo:hi],
                  backend=backend, **kw)
     _assert_same(chunked, whole)
+    # chunks far into a huge tensor (global indices past 2^32)
+    far = 2**33 + 5
+    _assert_same(ops.dare(base, xs, [1.0, 0.5], element_offset=far, backend=backend, **kw),
+                 ref.dare_reference(base, xs, [1.0, 0.5], element_offset=far, **kw))
     # L1 rescale factors accumulated over chunks equal the whole-tensor ones
     l1 = ops.DareL1Rescale([0.3, 0.6], seed=17, tensor_index=42)
     for lo, hi in [(50, 97), (0, 50)]:
