@@ -194,6 +194,9 @@ class MergekitAdapter(GroupMergeMethod):
             if path is None:
                 how = (f"it has {DATA_PARAMETER}: {params[DATA_PARAMETER]!r}, but mergekit cannot compute "
                        f"statistics from data" if params.get(DATA_PARAMETER) is not None else "none is given")
+                if entry.is_base:
+                    how += ("; it is the base_model:, which mergekit merges as one more input for methods "
+                            "without a base: drop base_model: or give its file too")
                 raise ConfigError(
                     f"merge_method {cls.name}: model {entry.id} needs a {kind} file ({how}); give "
                     f"`{kind}: <file.safetensors>` per model{_writer_hint(kind)}, or run this config with "

@@ -303,3 +303,26 @@ def test_alignmerge_on_the_tiny_zoo_through_mergekit_equals_alignmerge_merge(tin
             torch.testing.assert_close(theirs[name], ref, rtol=1e-5, atol=1e-7, msg=name)
     anchor_state = _tensors(anchor)
     assert any(not torch.equal(anchor_state[n], ours[n]) for n in ours)
+
+
+def test_base_model_of_a_baseless_method_is_one_more_input(tiny_llamas, tmp_path, capsys):
+    """As with mergekit's linear, a base_model: given to fisher is merged too, so it needs a Fisher file."""
+    expert0, expert1 = tiny_llamas["experts"][:2]
+    config = {"merge_method": "fisher", "base_model": str(tiny_llamas["base"]), "models": [
+        {"model": str(e), "parameters": {"fisher": str(_hand_made_stat("fisher", e, tmp_path / f"f{i}.st", seed=i))}}
+        for i, e in enumerate([expert0, expert1])]}
+    yml = tmp_path / "base.yml"
+    yml.write_text(yaml.safe_dump(config))
+    assert cli_main(["mergekit-yaml", str(yml), str(tmp_path / "out"), "--no-copy-tokenizer", "--quiet"]) == 2
+    assert "it is the base_model:, which mergekit merges as one more input" in capsys.readouterr().err
+
+
+def test_mergekit_options_pass_through(tiny_llamas, tmp_path):
+    config = {"merge_method": "linear", "models": [{"model": str(e), "parameters": {"weight": 1.0}}
+                                                  for e in tiny_llamas["experts"][:2]]}
+    yml = tmp_path / "linear.yml"
+    yml.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert cli_main(["mergekit-yaml", str(yml), str(out), "--no-copy-tokenizer", "--quiet",
+                     "--out-shard-size", "40K"]) == 0
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
