@@ -142,6 +142,10 @@ def test_dora_adapter_is_refused(lora_family, tmp_path):
     dora = _copy_adapter(lora_family["adapter"], tmp_path / "dora", config_edit=lambda c: c.update(use_dora=True))
     with pytest.raises(CheckpointError, match=r"DoRA adapters \(use_dora: true\) are not supported"):
         LoraCheckpoint(lora_family["base"], dora)
+    aware = _copy_adapter(lora_family["adapter"], tmp_path / "alora",
+                          config_edit=lambda c: c.update(alora_invocation_tokens=[5, 6]))
+    with pytest.raises(CheckpointError, match=r"activated LoRA .* adapters \(alora_invocation_tokens: \[5, 6\]\)"):
+        LoraCheckpoint(lora_family["base"], aware)
 
 
 def test_adapter_target_missing_in_base(lora_family, tmp_path):

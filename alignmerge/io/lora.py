@@ -25,6 +25,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LINEAR_A, LINEAR_B = ".lora_A.", ".lora_B."
 EMBEDDING_A, EMBEDDING_B = ".lora_embedding_A", ".lora_embedding_B"
+UNSUPPORTED_VARIANTS = {
+    "use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D)", "lora_bias": "LoRA-bias",
+    "use_qalora": "QA-LoRA", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA", "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow", "alora_invocation_tokens": "activated LoRA (aLoRA, never merged)",
+    "target_parameters": "parameter-targeted (target_parameters)", "layer_replication": "layer-replicating",
+}
+"""Adapter-config keys of LoRA variants whose update is not W + s·B·A on the base's own tensors."""
 
 
 class LoraCheckpoint(Checkpoint):
@@ -46,12 +53,9 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{cfg_path}: adapter config is not a JSON object")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
-        if cfg.get("use_dora"):
-            raise CheckpointError(f"{cfg_path}: DoRA adapters (use_dora: true) are not supported")
-        if cfg.get("fan_in_fan_out"):
-            raise CheckpointError(f"{cfg_path}: fan_in_fan_out adapters (Conv1D) are not supported")
-        if cfg.get("lora_bias"):
-            raise CheckpointError(f"{cfg_path}: adapters with a LoRA bias (lora_bias: true) are not supported")
+        for key, what in UNSUPPORTED_VARIANTS.items():
+            if cfg.get(key):
+                raise CheckpointError(f"{cfg_path}: {what} adapters ({key}: {json.dumps(cfg[key])}) are not supported")
         self.rslora = bool(cfg.get("use_rslora"))
         self.alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
         self.alpha_pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
