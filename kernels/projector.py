@@ -198,12 +198,18 @@ def _grid_rows(m: int, block_m: int, row_steps: int) -> int:
     return triton.cdiv(m, block_m * row_steps)
 
 
+def _row_steps(m: int, block_m: int, row_steps: int) -> int:
+    """No more row tiles per program than the matrix has (small matrices: no empty masked steps)."""
+    return max(1, min(row_steps, triton.cdiv(m, block_m)))
+
+
 def project_factors(x: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None, *,
                     block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
                     row_steps: int = DEFAULT_ROW_STEPS, dot_precision: str = "ieee"):
     """(UᵀX, XV) in fp32 (None for an absent side) from one read of X."""
     m, n = x.shape
     r = (u if u is not None else v).shape[1]
+    row_steps = _row_steps(m, block_m, row_steps)
     rows_grid = _grid_rows(m, block_m, row_steps)
     cols_grid = triton.cdiv(n, block_n)
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
@@ -243,6 +249,7 @@ def cg_step(x: torch.Tensor, r_vec: torch.Tensor, p: torch.Tensor, d: torch.Tens
     """One fused CG step in place on x, r_vec, p; returns (sums[5], Uᵀz', z'V)."""
     m, n = x.shape
     r = (u if u is not None else v).shape[1]
+    row_steps = _row_steps(m, block_m, row_steps)
     rows_grid = _grid_rows(m, block_m, row_steps)
     cols_grid = triton.cdiv(n, block_n)
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
