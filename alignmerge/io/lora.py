@@ -120,8 +120,7 @@ class LoraCheckpoint(Checkpoint):
         if name not in self._replaced and name not in self._pairs:
             return super().read(name, rows=rows, out=out)
         if name in self._replaced:
-            base = self._adapter.read(self._replaced[name]).to(self.dtype(name))
-            base = base[rows[0]:rows[1]] if rows is not None else base
+            base = self._adapter.read(self._replaced[name], rows=rows).to(self.dtype(name))
         else:
             base = super().read(name, rows=rows)
         if name in self._pairs:
