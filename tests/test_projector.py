@@ -141,6 +141,8 @@ def test_backend_rules():
     # fp64 inputs run the reference whatever the backend
     xd = x.double()
     assert ops.project(xd, u, v, backend="cpp").dtype == torch.float64
+    assert ops.project(xd, u, v).dtype == torch.float64
+    assert ops.apply_operator(xd, xd.abs(), u, v, 2.0).dtype == torch.float64
 
 
 def test_triton_partial_sums_across_many_programs():

@@ -30,22 +30,23 @@ CPU_BLOCK_ELEMENTS = 1 << 17
 
 
 def _backend(x: torch.Tensor, backend: str | None) -> str:
-    """choose_backend's rules, except that "cpp" needs no extension here (the CPU path is blocked torch)."""
+    """choose_backend's rules, except that "cpp" also works without alignmerge._C (blocked torch then)
+    and fp64 tensors always take the reference."""
     requested = backend or os.environ.get("ALIGNMERGE_BACKEND") or None
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if x.dtype == torch.float64:
+        return "torch"  # the fast paths are fp32; fp64 (small tensors) runs the reference
     triton_ok = triton_available() and (x.device.type == "cuda" or triton_interpreted())
     if requested is None:
         if x.device.type == "cuda" and triton_ok:
             return "triton"
         return "cpp" if x.device.type == "cpu" else "torch"
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "cpp" and x.device.type != "cpu":
         raise RuntimeError(f"backend 'cpp' is not available for {x.device.type} tensors")
     if requested == "triton" and not triton_ok:
         raise RuntimeError(f"backend 'triton' is not available for {x.device.type} tensors "
                            "(needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)")
-    if x.dtype == torch.float64 and requested != "torch":
-        return "torch"  # the fast paths are fp32; fp64 (small tensors) runs the reference
     return requested
 
 
