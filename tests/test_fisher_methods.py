@@ -139,6 +139,16 @@ def test_prepare_stats_computes_and_caches(two_models, tmp_path, method, kind):
         get_method(method).prepare_stats(config, tmp_path / "work")
 
 
+def test_prepared_only_when_every_file_is_given(two_models):
+    config = _config("fisher", two_models, data="builtin:safety")
+    assert not get_method("fisher").prepared(config)
+    for spec in config.models:
+        spec.parameters["fisher"] = "f.safetensors"
+    assert get_method("fisher").prepared(config)
+    assert not get_method("regmean").prepared(config)
+    assert get_method("regmean").prepared(_config("regmean", two_models, gram="g.safetensors"))
+
+
 def test_prepare_stats_needs_data_or_file(two_models, tmp_path):
     with pytest.raises(ConfigError, match=r"models\[0\].*needs fisher: <file> or data:"):
         get_method("fisher").prepare_stats(_config("fisher", two_models), tmp_path)

@@ -55,6 +55,11 @@ def validate_stats_file(path: str | Path, model_dir: str | Path, kind: str) -> N
             raise CheckpointError(f"{path}: fisher file lacks {len(missing)} tensor(s) of model {model_dir}, "
                                   f"e.g. {missing[0]!r}")
 
+def stats_given(config, kind: str) -> bool:
+    """True if every model of ``config`` has a ``kind`` file parameter (nothing to compute)."""
+    return all(_param(config, spec, kind) is not None for spec in config.models)
+
+
 def prepare_model_stats(config, work_dir: str | Path, kind: str) -> list[Path]:
     """One validated statistics file per model of ``config.models`` (computing missing ones)."""
     if kind not in STAT_KINDS:

@@ -40,6 +40,13 @@ class FisherMerge(MergeMethod):
 
         return {"fisher": prepare_model_stats(config, work_dir, "fisher")}
 
+    @classmethod
+    def prepared(cls, config) -> bool:
+        """True when every model names its fisher file, so no data pass is needed (e.g. under mergekit)."""
+        from alignmerge.fisher.stats import stats_given
+
+        return stats_given(config, "fisher")
+
     def prepass(self, inputs: TensorInputs):
         """Whole-tensor (sum, count) of each model's Fisher, for ``normalize_fisher`` on chunks."""
         sums = [(float(_stat(inputs, "fisher", k).double().sum()), _stat(inputs, "fisher", k).numel())

@@ -33,6 +33,13 @@ class RegMean(MergeMethod):
 
         return {"gram": prepare_model_stats(config, work_dir, "gram")}
 
+    @classmethod
+    def prepared(cls, config) -> bool:
+        """True when every model names its gram file, so no data pass is needed (e.g. under mergekit)."""
+        from alignmerge.fisher.stats import stats_given
+
+        return stats_given(config, "gram")
+
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
         weights = [float(p["weight"]) for p in inputs.params]
         if sum(weights) <= 0:
