@@ -13,6 +13,8 @@ COMMANDS = [
     ("merge", "alignmerge.commands.merge"),
     ("fisher", "alignmerge.commands.fisher"),
     ("mergekit-yaml", "alignmerge.commands.mergekit_yaml"),
+    ("eval", "alignmerge.commands.eval"),
+    ("demo", "alignmerge.commands.demo"),
     ("subspace", "alignmerge.commands.subspace"),
 ]
 

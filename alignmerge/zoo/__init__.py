@@ -79,6 +79,16 @@ def resolve_settings(preset: str | dict) -> dict:
     return PRESETS[preset]
 
 
+def training_threads(limit: int = 2) -> int:
+    """Threads for training: up to ``limit``, but 1 when the machine is already busy.
+
+    On a shared 2-core box, two spinning OpenMP threads next to other jobs ran 6x slower than one.
+    """
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if busy >= cores - 0.5 else max(1, min(limit, cores))
+
+
 def _mixture(spec: dict, seed: int) -> list[tuple[list[dict], float]]:
     from alignmerge.zoo.corpora import builtin_corpus
 
@@ -92,7 +102,7 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
     from alignmerge.zoo.tokenizer import train_tokenizer
     from alignmerge.zoo.train import ModelShape, Stage, new_model, train
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(training_threads())
     start = time.time()
     tokenizer = train_tokenizer(settings["vocab_size"])
     log: dict = {"seed": seed, "settings": settings, "stages": {}}
