@@ -22,7 +22,9 @@ from alignmerge.config import MergeConfig, load_config
 from alignmerge.errors import AlignMergeError
 from alignmerge.executor import Executor
 from alignmerge.io.output import StagedOutput
+from alignmerge.io.safetensors_file import read_header
 from alignmerge.io.writer import OutputTensor, ShardedWriter, parse_size
+from alignmerge.methods import get_method
 from alignmerge.plan import build_plan, check_preflight_disk
 
 TOKENIZER_FILES = (
@@ -36,9 +38,11 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 class MergeResult:
     out_dir: Path
     tensors: int
-    bytes_read: int
+    bytes_read: int | None
     bytes_written: int
     shards: list[str]
+    report: dict | None = None
+    """A whole-run method's report (e.g. alignmerge's AQI rounds and per-layer drift)."""
 
 
 @contextlib.contextmanager
@@ -71,6 +75,19 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     """
     if not isinstance(config, MergeConfig):
         config = load_config(config)
+    method_cls = get_method(config.merge_method)
+    if getattr(method_cls, "run_merge", None) is not None and not method_cls.prepared(config):
+        # Statistics to compute from data and/or an outer loop (alignmerge's AQI rounds): the method
+        # runs the whole merge, calling this function again with every file filled in.
+        if resume:
+            raise AlignMergeError(f"--resume: {config.merge_method} computes statistics first; give the statistics "
+                                  "files in the config to resume, or rerun without --resume")
+        StagedOutput(out_dir, inputs=[Path(m.path) for m in config.models], overwrite=overwrite)
+        report = method_cls.run_merge(
+            config, out_dir, progress=progress, device=device, out_shard_size=out_shard_size, seed=seed,
+            threads=threads, max_memory=max_memory, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+            overwrite=overwrite, prefetch=prefetch, backend=backend)
+        return _result_from_directory(Path(out_dir), report)
     if threads:
         torch.set_num_threads(threads)
         from alignmerge.ops._backend import cpp_extension
@@ -184,6 +201,13 @@ def _all_ranks_ok(ok: bool, world: int) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _result_from_directory(out_dir: Path, report: dict | None) -> MergeResult:
+    shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    tensors = sum(len(read_header(out_dir / s)[0]) for s in shards)
+    written = sum((out_dir / s).stat().st_size for s in shards)
+    return MergeResult(out_dir, tensors, None, written, shards, report if isinstance(report, dict) else None)
 
 
 def _verified_shards(writer: ShardedWriter, progress: dict, layout_key: str) -> dict[str, str]:
