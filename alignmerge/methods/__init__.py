@@ -27,3 +27,4 @@ __all__ = ["METHODS", "REQUIRED", "MergeMethod", "TensorInputs", "get_method", "
 from alignmerge.methods import dare, fisher, linear, task_arithmetic, ties  # noqa: E402,F401
 from alignmerge.methods import regmean  # noqa: E402,F401
 from alignmerge.methods import alignmerge  # noqa: E402,F401
+from alignmerge.methods import mergealign, safemerge  # noqa: E402,F401

@@ -521,7 +521,7 @@ def alignment_drift(merged_dir, anchor_dir, expert_dirs: list, subspace_path, rh
             continue
         p_d = pnorm(d)
         drifts.append(p_d / p_ref)
-        violations += p_d > rho * p_ref * (1 + 1e-6)
+        violations += p_d > rho * p_ref * 1.01  # 1% slack for bf16-rounded outputs
     if not drifts:
         return {"drift": None, "violations": None}
     return {"drift": sum(drifts) / len(drifts), "violations": violations / len(drifts)}

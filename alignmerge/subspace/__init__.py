@@ -91,13 +91,11 @@ class GradientCovariance:
         return out
 
 
-def gradient_subspace(anchor_dir, data, rank: int = 16, *, samples: int | None = 64, max_length: int = 256,
-                      batch_size: int = 8, device: str = "cpu", max_side: int = DEFAULT_MAX_SIDE,
-                      names: set[str] | None = None, progress: bool = False):
-    """{weight name: (U, V)} from the anchor's per-sequence alignment-loss gradients (module doc).
-
-    Returns (bases, n_sequences). Every nn.Linear weight stored in the checkpoint is covered (tied
-    lm_head aliases that the checkpoint does not store are skipped)."""
+def gradient_covariance(anchor_dir, data, *, samples: int | None = 64, max_length: int = 256, batch_size: int = 8,
+                        device: str = "cpu", max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None,
+                        ) -> tuple[GradientCovariance, int]:
+    """S_out, S_in of every nn.Linear weight stored in the checkpoint (tied lm_head aliases the checkpoint
+    does not store are skipped), from the anchor's alignment-loss gradients; returns (covariance, N)."""
     from alignmerge.fisher.capture import LinearCapture
     from alignmerge.fisher.compute import load_model, prepare_sequences, sequence_backward
     from alignmerge.io.checkpoint import Checkpoint
@@ -112,7 +110,14 @@ def gradient_subspace(anchor_dir, data, rank: int = 16, *, samples: int | None =
             pass
     if not cov.s_out and not cov.s_in:
         raise CheckpointError(f"{anchor_dir}: no nn.Linear weight of the model was found in its checkpoint")
-    return cov.bases(rank), len(seqs)
+    return cov, len(seqs)
+
+
+def gradient_subspace(anchor_dir, data, rank: int = 16, **options):
+    """{weight name: (U, V)} from the anchor's per-sequence alignment-loss gradients (module doc);
+    returns (bases, N). ``options`` as for ``gradient_covariance``."""
+    cov, n = gradient_covariance(anchor_dir, data, **options)
+    return cov.bases(rank), n
 
 
 def delta_subspace(anchor_dir, base_dir, rank: int = 16, *, names: set[str] | None = None,
@@ -169,8 +174,7 @@ def save_subspace(bases: dict, out, metadata: dict) -> Path:
 
 def compute_subspace(anchor_dir, data=None, rank: int = 16, out=None, *, method: str = "gradient", base_dir=None,
                      samples: int | None = 64, max_length: int = 256, batch_size: int = 8, device: str = "cpu",
-                     max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None,
-                     progress: bool = False) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+                     max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """The anchor's alignment subspace {weight name: (U, V)}; written to ``out`` when given.
 
     method "gradient" needs ``data`` (JSONL path, ``builtin:<name>`` or records; prompt/response pairs
@@ -181,8 +185,7 @@ def compute_subspace(anchor_dir, data=None, rank: int = 16, out=None, *, method:
         if data is None:
             raise ConfigError("subspace: the gradient estimator needs alignment data (--data)")
         bases, n = gradient_subspace(anchor_dir, data, rank, samples=samples, max_length=max_length,
-                                     batch_size=batch_size, device=device, max_side=max_side, names=names,
-                                     progress=progress)
+                                     batch_size=batch_size, device=device, max_side=max_side, names=names)
         meta = {"method": method, "rank": rank, "anchor": str(anchor_dir),
                 "data": str(data) if not isinstance(data, list) else "records", "N": n}
     elif method == "delta":
@@ -242,4 +245,4 @@ def alignment_fisher(anchor_dir, data, out=None, **options) -> dict[str, torch.T
 
 
 __all__ = ["GradientCovariance", "SubspaceFile", "alignment_fisher", "compute_subspace", "delta_subspace",
-           "gradient_subspace", "save_subspace"]
+           "gradient_covariance", "gradient_subspace", "save_subspace"]

@@ -1,0 +1,222 @@
+"""merge_method alignmerge: per-tensor behaviour on random tensors, the AQI loop, and an end-to-end CLI merge."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from alignmerge.errors import ConfigError
+from alignmerge.methods import TensorInputs, get_method
+from alignmerge.methods import alignmerge as am
+from conftest import make_tiny_llama
+from test_subspace import RECORDS, add_char_tokenizer
+
+NAME = "w"
+
+
+def orthonormal(n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0].float().contiguous()
+
+
+@pytest.fixture
+def problem(tmp_path):
+    """A 2-D weight and a 1-D one: anchor, two experts, their Fishers, a subspace and an alignment Fisher."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {NAME: (23, 17), "b": (17,)}
+    anchor = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    experts = [{n: anchor[n] + 0.1 * torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(2)]
+    fisher_files = []
+    for k in range(2):
+        path = tmp_path / f"fisher{k}.safetensors"
+        save_file({n: torch.rand(s, generator=g) + 0.05 for n, s in shapes.items()}, str(path))
+        fisher_files.append(path)
+    sub = tmp_path / "sub.safetensors"
+    save_file({f"{NAME}.U": orthonormal(23, 3, 1), f"{NAME}.V": orthonormal(17, 3, 2)}, str(sub))
+    falign = tmp_path / "falign.safetensors"
+    save_file({n: torch.rand(s, generator=g) for n, s in shapes.items()}, str(falign))
+    return {"anchor": anchor, "experts": experts, "fisher": fisher_files, "subspace": sub, "falign": falign,
+            "tmp": tmp_path}
+
+
+def inputs_for(problem, name, weights=(1.0, 1.0), **overrides):
+    params = {**am.AlignMerge.method_parameters, "subspace": str(problem["subspace"]),
+              "align_fisher": str(problem["falign"]), **overrides}
+    return TensorInputs(name=name, models=[e[name] for e in problem["experts"]],
+                        params=[{"weight": w, "fisher": str(f), "data": None}
+                                for w, f in zip(weights, problem["fisher"])],
+                        method_params=params, base=problem["anchor"][name])
+
+
+def fisher_merge(problem, name, weights=(1.0, 1.0)):
+    """θ_A + Σ w_k F̂_k Δ_k / Σ w_k F̂_k with F̂ = F / mean F (the merge target δ̄)."""
+    from safetensors.torch import load_file
+
+    num = den = 0
+    for w, e, f in zip(weights, problem["experts"], problem["fisher"]):
+        fh = load_file(str(f))[name].double()
+        fh = fh / fh.mean()
+        num = num + w * fh * (e[name].double() - problem["anchor"][name].double())
+        den = den + w * fh
+    return problem["anchor"][name].double() + num / den
+
+
+def p_norm(problem, delta):
+    u, v = orthonormal(23, 3, 1).double(), orthonormal(17, 3, 2).double()
+    pu, pv = u @ u.T, v @ v.T
+    return float((pu @ delta + delta @ pv - pu @ delta @ pv).norm())
+
+
+def test_lambda_zero_is_the_fisher_merge(problem):
+    method = get_method("alignmerge")()
+    for name in (NAME, "b"):
+        got = method.merge(inputs_for(problem, name, weights=(1.0, 3.0), lambda_align=0.0), out_dtype=torch.float32)
+        torch.testing.assert_close(got.double(), fisher_merge(problem, name, (1.0, 3.0)), rtol=1e-6, atol=1e-6)
+
+
+def test_projected_motion_falls_monotonically_with_lambda(problem):
+    method = get_method("alignmerge")()
+    anchor = problem["anchor"][NAME].double()
+    norms = []
+    for lam in (0.0, 0.5, 2.0, 10.0, 100.0):
+        got = method.merge(inputs_for(problem, NAME, lambda_align=lam, use_align_fisher=False),
+                           out_dtype=torch.float32)
+        norms.append(p_norm(problem, got.double() - anchor))
+    assert all(b < a for a, b in zip(norms, norms[1:])), norms
+    assert norms[-1] < 0.05 * norms[0]
+    # the alignment-Fisher term alone also pulls the update towards the anchor
+    plain = method.merge(inputs_for(problem, NAME, lambda_align=0.0), out_dtype=torch.float32).double() - anchor
+    held = method.merge(inputs_for(problem, NAME, lambda_align=5.0, use_projector=False),
+                        out_dtype=torch.float32).double() - anchor
+    assert float(held.norm()) < float(plain.norm())
+
+
+def test_one_d_tensors_take_the_fisher_merge_and_diagnostics_are_written(problem):
+    method = get_method("alignmerge")()
+    diag = problem["tmp"] / "diag.jsonl"
+    got = method.merge(inputs_for(problem, "b", lambda_align=50.0, diagnostics=str(diag)), out_dtype=torch.float32)
+    torch.testing.assert_close(got.double(), fisher_merge(problem, "b"), rtol=1e-6, atol=1e-6)
+    method.merge(inputs_for(problem, NAME, lambda_align=2.0, lambda_budget=1e4, budget=0.3, diagnostics=str(diag)),
+                 out_dtype=torch.bfloat16)
+    records = [json.loads(line) for line in diag.read_text().splitlines()]
+    assert [r["name"] for r in records] == ["b", NAME]
+    assert not records[0]["projector"] and records[1]["projector"]
+    assert records[1]["method"] == "cg" and records[1]["cg_iterations"] > 0
+    assert records[1]["drift"] < 1.0 and records[1]["kkt_residual"] < 1e-4
+
+
+def test_missing_fisher_is_a_config_error(problem):
+    bad = inputs_for(problem, NAME)
+    bad.params[1]["fisher"] = None
+    with pytest.raises(ConfigError, match="no Fisher for model 1"):
+        get_method("alignmerge")().merge(bad, out_dtype=torch.float32)
+
+
+# ---- whole merges on tiny random Llamas -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("alignmerge_family")
+    kw = dict(dtype=torch.float32, hidden=24, intermediate=40, layers=2, vocab=64)
+    anchor = add_char_tokenizer(make_tiny_llama(root / "anchor", seed=11, **kw))
+    state = load_file(str(anchor / "model.safetensors"))
+    expert = add_char_tokenizer(make_tiny_llama(root / "expert", seed=12, base_state=state, noise=0.05, **kw))
+    data = root / "align.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    probes = root / "probes.jsonl"
+    probes.write_text("".join(json.dumps({**r, "label": i % 2}) + "\n" for i, r in enumerate(RECORDS * 2)))
+    return {"root": root, "anchor": anchor, "expert": expert, "data": data, "probes": probes}
+
+
+def test_cli_merge_with_given_files(family, tmp_path):
+    """`alignmerge subspace` + `alignmerge fisher` files, then `alignmerge merge` with merge_method alignmerge."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from alignmerge.cli import main
+
+    sub, falign, fisher = tmp_path / "sub.safetensors", tmp_path / "falign.safetensors", tmp_path / "f.safetensors"
+    assert main(["subspace", str(family["anchor"]), "--data", str(family["data"]), "--rank", "2", "--out", str(sub),
+                 "--fisher-out", str(falign)]) == 0
+    assert main(["fisher", str(family["expert"]), "--data", str(family["data"]), "--out", str(fisher)]) == 0
+    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]),
+              "models": [{"model": str(family["expert"]), "parameters": {"weight": 1.0, "fisher": str(fisher)}}],
+              "parameters": {"subspace": str(sub), "align_fisher": str(falign), "lambda_align": 0.0,
+                             "use_aqi_loop": False},
+              "dtype": "float32"}
+    assert am.AlignMerge.prepared(__import__("alignmerge.config", fromlist=["x"]).load_config(config))
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    merged = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
+    expert = load_file(str(family["expert"] / "model.safetensors"))
+    # one expert at lambda_align = 0: the Fisher merge of one model is that model
+    for name, t in expert.items():
+        torch.testing.assert_close(merged[name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, monkeypatch):
+    """Doubling then bisection on lambda_align against a scripted AQI that rises with the constraint."""
+    seen = []
+
+    def fake_aqi(model_dir, pairs, labels):
+        if "anchor" in str(model_dir):
+            return 80.0
+        report = sorted((tmp_path).glob("out.alignmerge-cache/*.jsonl"))
+        assert not report  # diagnostics files are consumed after each round
+        lam = seen[-1]
+        return 80.0 - 40.0 / (1.0 + lam)  # passes (>= 75) from lambda_align = 7
+
+    original = am.AlignMerge.merge
+
+    def spy(self, inputs, **kw):
+        if inputs.name == "model.norm.weight":
+            seen.append(float(inputs.method_params["lambda_align"]))
+        return original(self, inputs, **kw)
+
+    monkeypatch.setattr(am, "probe_aqi", fake_aqi)
+    monkeypatch.setattr(am.AlignMerge, "merge", spy)
+    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]), "alignment_data": str(family["data"]),
+              "models": [{"model": str(family["expert"]), "parameters": {"weight": 1.0, "data": str(family["data"])}}],
+              "parameters": {"rank": 2, "lambda_align": 1.0, "aqi_tolerance": 5.0, "max_rounds": 6,
+                             "aqi_probes": str(family["probes"])},
+              "dtype": "float32"}
+    report = am.run_alignmerge(config, tmp_path / "out")
+    lams = [r["lambda_align"] for r in report["rounds"]]
+    assert lams[:4] == [1.0, 2.0, 4.0, 8.0]  # doubling until the first pass
+    assert len(lams) == 6 and all(4.0 < lam < 8.0 for lam in lams[4:])  # then bisection in (4, 8)
+    assert report["aqi_met"] and 7.0 <= report["chosen_lambda_align"] <= 8.0
+    assert report["chosen_lambda_align"] == min(r["lambda_align"] for r in report["rounds"] if r["passed"])
+    saved = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
+    assert saved["rounds"] == report["rounds"] and saved["summary"]["weights_with_projector"] > 0
+    assert all("drift" in v and "cg_iterations" in v for v in saved["layers"].values())
+    assert not list(tmp_path.glob(".out.round*"))  # the rejected rounds are removed
+    cache = sorted(p.name for p in (tmp_path / "out.alignmerge-cache").iterdir())
+    assert any(n.startswith("subspace-") for n in cache) and any(n.startswith("align-fisher-") for n in cache)
+    assert any(n.startswith("fisher-") for n in cache)
+
+
+def test_probe_aqi_on_a_real_model_and_probe_errors(family, tmp_path):
+    pairs, labels = am.probe_pairs(str(family["probes"]))
+    assert len(pairs) == 10 and set(labels) == {0, 1}
+    value = am.probe_aqi(family["anchor"], pairs, labels)
+    assert 0.0 <= value <= 100.0
+    builtin_pairs, builtin_labels = am.probe_pairs("builtin", max_examples=4)
+    assert len(builtin_pairs) == 12 and builtin_labels.count(1) == 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    from alignmerge.errors import DataError
+
+    with pytest.raises(DataError, match="needs prompt, response and label"):
+        am.probe_pairs(str(bad))
+
+
+def test_run_merge_needs_alignment_data(family, tmp_path):
+    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]),
+              "models": [{"model": str(family["expert"]), "parameters": {"data": str(family["data"])}}],
+              "parameters": {"use_aqi_loop": False}}
+    with pytest.raises(ConfigError, match="alignment_data"):
+        am.run_alignmerge(config, tmp_path / "out")
