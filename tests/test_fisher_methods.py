@@ -47,20 +47,23 @@ def test_fisher_merge_normalisation_and_chunks():
     f = [fk / fk.mean() for fk in fishers]
     want = (f[0] * thetas[0] + f[1] * thetas[1]) / (f[0] + f[1])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # chunked: prepass over row blocks gives whole-tensor means, merge per block matches
-    state = None
+    # chunked: the chunk statistic fed every row block gives whole-tensor means; merge per block matches
     blocks = [(0, 2), (2, 6)]
-    for r0, r1 in blocks:
-        _, part = _inputs("fisher", [t[r0:r1] for t in thetas], {"fisher": [fk[r0:r1] for fk in fishers]},
-                          normalize_fisher=True, epsilon=1e-9)
-        part.state = state
-        state = method.prepass(part)
+
+    def part(r0, r1):
+        return _inputs("fisher", [t[r0:r1] for t in thetas], {"fisher": [fk[r0:r1] for fk in fishers]},
+                       normalize_fisher=True, epsilon=1e-9)[1]
+
+    stat = method.chunk_statistic(part(*blocks[0]), 24)
+    while not stat.done:
+        for r0, r1 in blocks:
+            stat.update(part(r0, r1))
+        stat.finish_pass()
     pieces = []
     for r0, r1 in blocks:
-        _, part = _inputs("fisher", [t[r0:r1] for t in thetas], {"fisher": [fk[r0:r1] for fk in fishers]},
-                          normalize_fisher=True, epsilon=1e-9)
-        part.state = state
-        pieces.append(method.merge(part, out_dtype=torch.float32))
+        chunk = part(r0, r1)
+        chunk.state = stat
+        pieces.append(method.merge(chunk, out_dtype=torch.float32))
     torch.testing.assert_close(torch.cat(pieces), want, rtol=1e-5, atol=1e-6)
 
 
@@ -71,7 +74,7 @@ def test_fisher_merge_bf16_output_and_errors():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ((thetas[0].float() + thetas[1].float()) / 2).bfloat16().float())
     _, missing = _inputs("fisher", thetas, {"fisher": [torch.ones(3, 3), None]})
-    with pytest.raises(ConfigError, match="no statistic for model 1"):
+    with pytest.raises(ConfigError, match="no Fisher for model 1"):
         method.merge(missing, out_dtype=torch.float32)
     _, bad = _inputs("fisher", thetas, {"fisher": [torch.ones(3, 3), torch.ones(3, 4)]})
     with pytest.raises(ConfigError, match="shape"):
@@ -181,3 +184,71 @@ def test_stats_file_names_and_shapes_checked(two_models, tmp_path):
     save_file(gram, str(tmp_path / "gram.safetensors"))
     with pytest.raises(CheckpointError, match="expected \\(24, 24\\)"):
         validate_stats_file(tmp_path / "gram.safetensors", model, "gram")
+
+
+# ---- end to end through `alignmerge merge` -----------------------------------------------------
+def _merged(out_dir):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(out_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_fisher_merge_end_to_end(two_models, tmp_path):
+    """Fisher files from `alignmerge fisher`, merged by `alignmerge merge`, equal the formula."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from alignmerge.cli import main as cli_main
+
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])
+    fishers = []
+    for i, model in enumerate(two_models):
+        fishers.append(tmp_path / f"f{i}.safetensors")
+        assert cli_main(["fisher", str(model), "--data", str(data), "--out", str(fishers[-1])]) == 0
+    config = {"merge_method": "fisher", "dtype": "float32",
+              "models": [{"model": str(m), "parameters": {"weight": w, "fisher": str(f)}}
+                         for m, w, f in zip(two_models, (1.0, 2.0), fishers)],
+              "parameters": {"epsilon": 1e-10}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
+    got = _merged(tmp_path / "out")
+    thetas = [load_file(str(m / "model.safetensors")) for m in two_models]
+    fs = [load_file(str(f)) for f in fishers]
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        f0, f1 = fs[0][name].clamp_min(1e-10), 2.0 * fs[1][name].clamp_min(1e-10)
+        want = (f0 * thetas[0][name] + f1 * thetas[1][name]) / (f0 + f1)
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_run_merge_computes_stats_from_data(two_models, tmp_path, method):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])
+    config = {"merge_method": method, "dtype": "float32", "models": [{"model": str(m)} for m in two_models],
+              "parameters": {"data": str(data), "samples": 3}}
+    report = get_method(method).run_merge(config, tmp_path / "out", progress=False)
+    kind = get_method(method).stats[0]
+    files = report["files"][kind]
+    assert all(str(tmp_path / "out.alignmerge-cache") in f for f in files)
+    got = _merged(tmp_path / "out")
+    assert all(torch.isfinite(t).all() for t in got.values())
+    if method == "regmean":
+        from safetensors.torch import load_file
+
+        name = "model.layers.0.self_attn.q_proj.weight"
+        grams = [load_file(f)[name].double() for f in files]
+        grams = [0.9 * g + 0.1 * torch.diag(torch.diagonal(g)) for g in grams]
+        ws = [load_file(str(m / "model.safetensors"))[name].double() for m in two_models]
+        want = (ws[0] @ grams[0] + ws[1] @ grams[1]) @ torch.linalg.inv(grams[0] + grams[1])
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_stats_reader_cuts_row_chunks(tmp_path):
+    from alignmerge.fisher.stats import StatsReader
+
+    full = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    save_file({"w": full, "g": torch.eye(4)}, str(tmp_path / "s.safetensors"))
+    reader = StatsReader()
+    chunk = reader.get(tmp_path / "s.safetensors", "w", torch.zeros(2, 4), element_offset=8, rows=True)
+    torch.testing.assert_close(chunk, full[2:4])
+    assert reader.get(tmp_path / "s.safetensors", "g", torch.zeros(3, 4), rows=False).shape == (4, 4)
+    assert reader.get(tmp_path / "s.safetensors", "absent", torch.zeros(1)) is None

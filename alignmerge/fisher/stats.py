@@ -101,3 +101,35 @@ def _compute(kind: str, model_dir, data, path: Path, options: dict) -> None:
         from alignmerge.fisher.regmean import compute_gram
 
         compute_gram(model_dir, data, path, **common)
+
+
+class StatsReader:
+    """Per-tensor reads from statistics files (lazy, cached handles), row-sliced for chunked merges."""
+
+    def __init__(self):
+        self._handles: dict[str, object] = {}
+
+    def get(self, path, name: str, like: "torch.Tensor", element_offset: int = 0, *, rows: bool = False):
+        """Tensor ``name`` of file ``path`` as fp32 (None if the file has no such tensor). With
+        ``rows`` (statistics shaped like the tensor, e.g. a Fisher) it is cut to the row block
+        ``like`` covers: the executor merges big tensors in row chunks from flat index
+        ``element_offset``."""
+        import torch
+        from safetensors import safe_open
+
+        key = str(path)
+        if key not in self._handles:
+            if not Path(key).is_file():
+                raise CheckpointError(f"{key}: statistics file not found")
+            self._handles[key] = safe_open(key, framework="pt")
+        handle = self._handles[key]
+        if name not in handle.keys():
+            return None
+        view = handle.get_slice(name)
+        shape = tuple(view.get_shape())
+        if rows and like.dim() >= 1 and len(shape) == like.dim() and shape[1:] == tuple(like.shape[1:]) \
+                and shape[0] > like.shape[0]:
+            row_len = max(1, like[0].numel())
+            start = element_offset // row_len
+            return view[start:start + like.shape[0]].to(torch.float32)
+        return handle.get_tensor(name).to(torch.float32)

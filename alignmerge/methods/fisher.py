@@ -5,7 +5,8 @@ Fisher of model k floored at ``epsilon`` (so that where every Fisher vanishes th
 back to the w-weighted average), and c_k = 1 / mean(F_k) over the tensor when
 ``normalize_fisher: true`` (per-model normalisation: each model's Fisher on the same scale),
 else c_k = 1. Fisher files: per-model parameter ``fisher: <file.safetensors>`` (from
-``alignmerge fisher``), or computed from ``data: <jsonl | builtin:name>`` by ``prepare_stats``.
+``alignmerge fisher``; read per tensor), or computed from ``data: <jsonl | builtin:name>`` by
+``prepare_stats`` / ``run_merge`` (cached in ``<out>.alignmerge-cache``).
 """
 from __future__ import annotations
 
@@ -17,11 +18,61 @@ from alignmerge.errors import ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, register
 
 
-def _stat(inputs: TensorInputs, kind: str, k: int) -> torch.Tensor:
+def model_stat(inputs: TensorInputs, kind: str, k: int, reader=None, *, rows: bool = False) -> torch.Tensor | None:
+    """Model k's statistic of ``kind`` for this tensor: ``inputs.stats[kind][k]`` when the
+    executor passes it, else read from the file named by model k's parameter ``kind`` (``rows``:
+    the statistic is shaped like the tensor and is cut to the chunk being merged)."""
     stats = inputs.stats.get(kind)
-    if stats is None or k >= len(stats) or stats[k] is None:
-        raise ConfigError(f"{kind}: no statistic for model {k} and tensor {inputs.name!r}")
-    return stats[k]
+    if stats is not None and k < len(stats) and stats[k] is not None:
+        return stats[k]
+    path = inputs.params[k].get(kind)
+    if path is None or reader is None:
+        return None
+    return reader.get(path, inputs.name, inputs.models[k], inputs.element_offset, rows=rows)
+
+
+def run_with_stats(method_cls, config, out_dir, **options) -> dict:
+    """``prepare_stats`` (files given, or computed from ``data:`` into ``<out>.alignmerge-cache``),
+    then ``alignmerge.api.merge`` with every model's statistics file filled in."""
+    import json
+
+    from alignmerge.api import merge
+    from alignmerge.config import load_config
+
+    if not hasattr(config, "merge_method"):
+        config = load_config(config)
+    out = Path(out_dir)
+    cache = out.parent / f"{out.name}.alignmerge-cache"
+    files = method_cls.prepare_stats(config, cache)
+    raw = json.loads(json.dumps(config.raw, default=str))
+    models = []
+    for k, spec in enumerate(raw["models"]):
+        spec = dict(spec) if isinstance(spec, dict) else {"model": spec}
+        params = {key: v for key, v in (spec.get("parameters") or {}).items() if key != "data"}
+        for kind, paths in files.items():
+            params[kind] = str(paths[k])
+        spec["parameters"] = params
+        models.append(spec)
+    raw["models"] = models
+    raw["parameters"] = {key: v for key, v in (raw.get("parameters") or {}).items() if key != "data"}
+    result = merge(load_config(raw), out, **options)
+    return {"method": method_cls.name, "result": result, "files": {k: [str(p) for p in v] for k, v in files.items()}}
+
+
+class FisherTotals:
+    """(sum, count) of each model's Fisher over a whole tensor, fed chunk by chunk (one pass)."""
+
+    def __init__(self, fisher_of, n_models: int):
+        self.fisher_of = fisher_of  # (inputs, k) -> model k's Fisher of this chunk
+        self.sums = [(0.0, 0)] * n_models
+        self.done = False
+
+    def update(self, inputs: TensorInputs) -> None:
+        chunks = [self.fisher_of(inputs, k) for k in range(len(self.sums))]
+        self.sums = [(s + float(f.double().sum()), c + f.numel()) for f, (s, c) in zip(chunks, self.sums)]
+
+    def finish_pass(self) -> None:
+        self.done = True
 
 
 @register
@@ -32,6 +83,26 @@ class FisherMerge(MergeMethod):
                          "max_length": 256, "batch_size": 8, "stats_device": "cpu", "seed": 0}
     stats = ("fisher",)
     elementwise = True
+
+    def __init__(self):
+        from alignmerge.fisher.stats import StatsReader
+
+        self._files = StatsReader()
+
+    def _fisher(self, inputs: TensorInputs, k: int) -> torch.Tensor:
+        from alignmerge.fisher.stats import StatsReader
+
+        reader = getattr(self, "_files", None)  # subclasses may keep their own reader type
+        f = model_stat(inputs, "fisher", k, reader if isinstance(reader, StatsReader) else None, rows=True)
+        if f is None:
+            raise ConfigError(f"fisher: no Fisher for model {k} and tensor {inputs.name!r} (give fisher: <file> "
+                              "per model, or data: <source> and merge with FisherMerge.run_merge)")
+        return f
+
+    @classmethod
+    def run_merge(cls, config, out_dir, **options) -> dict:
+        """Compute or find every model's Fisher file, then merge (``alignmerge.api.merge`` options)."""
+        return run_with_stats(cls, config, out_dir, **options)
 
     @classmethod
     def prepare_stats(cls, config, work_dir: str | Path) -> dict[str, list[Path]]:
@@ -47,25 +118,26 @@ class FisherMerge(MergeMethod):
 
         return stats_given(config, "fisher")
 
-    def prepass(self, inputs: TensorInputs):
-        """Whole-tensor (sum, count) of each model's Fisher, for ``normalize_fisher`` on chunks."""
-        sums = [(float(_stat(inputs, "fisher", k).double().sum()), _stat(inputs, "fisher", k).numel())
-                for k in range(len(inputs.models))]
-        if inputs.state is None:
-            return sums
-        return [(s0 + s1, c0 + c1) for (s0, c0), (s1, c1) in zip(inputs.state, sums)]
+    def chunk_statistic(self, inputs: TensorInputs, numel: int) -> "FisherTotals | None":
+        """Whole-tensor Fisher sums per model, needed by ``normalize_fisher`` when merging in chunks."""
+        return FisherTotals(self._fisher, len(inputs.models)) if inputs.method_params["normalize_fisher"] else None
 
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
         eps = float(inputs.method_params["epsilon"])
         if eps <= 0:
             raise ConfigError(f"fisher: epsilon must be > 0 (got {eps}) for tensor {inputs.name!r}")
         normalize = bool(inputs.method_params["normalize_fisher"])
-        totals = inputs.state if inputs.state is not None else (self.prepass(inputs) if normalize else None)
+        totals = None
+        if normalize:
+            totals = inputs.state if inputs.state is not None else FisherTotals(self._fisher, len(inputs.models))
+            if inputs.state is None:
+                totals.update(inputs)
+            totals = totals.sums
         num = torch.zeros(inputs.models[0].shape, dtype=torch.float32, device=inputs.models[0].device)
         den = torch.zeros_like(num)
         for k, theta in enumerate(inputs.models):
             weight = float(inputs.params[k]["weight"])
-            fisher = _stat(inputs, "fisher", k).to(num.device, torch.float32)
+            fisher = self._fisher(inputs, k).to(num.device, torch.float32)
             if fisher.shape != num.shape:
                 raise ConfigError(f"fisher: statistic of model {k} for {inputs.name!r} has shape "
                                   f"{tuple(fisher.shape)}, the tensor {tuple(num.shape)}")

@@ -5,7 +5,8 @@ For an nn.Linear weight W_k (out × in) with input Gram matrix G_k = mean_t a_t 
     W = (Σ_k w_k W_k G̃_k) (Σ_k w_k G̃_k)⁻¹   (per layer, solved in fp64 as a linear system)
 which minimises Σ_k w_k ‖W A_kᵀ − W_k A_kᵀ‖² when α = 1. Tensors without a Gram matrix
 (embeddings, norms, biases) get the w-weighted average. Gram files: per-model ``gram:
-<file.safetensors>``, or computed from ``data:`` by ``prepare_stats``.
+<file.safetensors>`` (read per tensor), or computed from ``data:`` by ``prepare_stats`` /
+``run_merge`` (cached in ``<out>.alignmerge-cache``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ class RegMean(MergeMethod):
     stats = ("gram",)
     elementwise = False
 
+    def __init__(self):
+        from alignmerge.fisher.stats import StatsReader
+
+        self._files = StatsReader()
+
+    @classmethod
+    def run_merge(cls, config, out_dir, **options) -> dict:
+        """Compute or find every model's Gram file, then merge (``alignmerge.api.merge`` options)."""
+        from alignmerge.methods.fisher import run_with_stats
+
+        return run_with_stats(cls, config, out_dir, **options)
+
     @classmethod
     def prepare_stats(cls, config, work_dir: str | Path) -> dict[str, list[Path]]:
         """Per-model Gram files: given by ``gram:``, else computed from ``data:`` into ``work_dir``."""
@@ -44,7 +57,10 @@ class RegMean(MergeMethod):
         weights = [float(p["weight"]) for p in inputs.params]
         if sum(weights) <= 0:
             raise ConfigError(f"regmean: weights for tensor {inputs.name!r} must sum to > 0")
-        grams = inputs.stats.get("gram") or [None] * len(inputs.models)
+        from alignmerge.methods.fisher import model_stat
+
+        grams = [model_stat(inputs, "gram", k, self._files) if inputs.models[k].dim() == 2 else None
+                 for k in range(len(inputs.models))]
         present = [g is not None for g in grams]
         if any(present) and not all(present):
             raise ConfigError(f"regmean: only some models have a Gram matrix for {inputs.name!r}")
