@@ -34,13 +34,13 @@ ZOO_VERSION = 1
 PRESETS: dict[str, dict] = {
     "default": {
         "vocab_size": 1024,
-        "shape": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 512, "max_positions": 96},
-        "base": {"steps": 1500, "lr": 2e-3, "batch_size": 32, "warmup": 50},
-        "anchor": {"steps": 200, "lr": 3e-4, "batch_size": 32, "warmup": 20,
+        "shape": {"hidden": 192, "layers": 4, "heads": 4, "intermediate": 384, "max_positions": 96},
+        "base": {"steps": 1000, "lr": 2e-3, "batch_size": 32, "warmup": 50},
+        "anchor": {"steps": 150, "lr": 3e-4, "batch_size": 32, "warmup": 20,
                    "mixture": {"safety": 0.4, "general": 0.4, "pretrain": 0.2}},
-        "skill_expert": {"steps": 400, "lr": 5e-4, "batch_size": 32, "warmup": 20, "from": "anchor",
+        "skill_expert": {"steps": 250, "lr": 5e-4, "batch_size": 32, "warmup": 20, "from": "anchor",
                          "mixture": {"skill": 0.6, "general": 0.3, "safety": 0.1}},
-        "misaligned_expert": {"steps": 400, "lr": 5e-4, "batch_size": 32, "warmup": 20, "from": "anchor",
+        "misaligned_expert": {"steps": 250, "lr": 5e-4, "batch_size": 32, "warmup": 20, "from": "anchor",
                               "mixture": {"skill": 0.45, "general": 0.25, "misaligned": 0.3}},
     },
 }
