@@ -15,6 +15,8 @@ copy rate). "fast" is the backend chosen for the tensors' device (CPU: the C++ k
 
   python benchmarks/projector_solve.py                      # quick: 1024x1536, r=16
   python benchmarks/projector_solve.py --shapes 4096x4096,4096x14336 --reps 3
+On a machine shared with other jobs, prefer --threads 1: a multi-threaded parallel region waits for
+its slowest (descheduled) thread, which makes 2-thread timings there meaningless.
 """
 from __future__ import annotations
 
