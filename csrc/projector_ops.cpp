@@ -29,7 +29,7 @@ namespace py = pybind11;
 namespace alignmerge {
 namespace {
 
-constexpr int64_t kChunk = 512;
+constexpr int64_t kChunk = 256;
 
 inline float load_elem(const void* p, int dt, int64_t i) {
   switch (dt) {
@@ -132,25 +132,37 @@ inline void lowrank_chunk(const float* __restrict ui, const float* __restrict a,
   for (int64_t j = 0; j < len; ++j) low[j] *= mu;
 }
 
-// rowacc[k] += Σ_j z[j]·Vt[k, j0+j] for one row chunk (8 dot products at a time share each load of z).
+// KN dot products Σ_j z[j]·Vt[k0+kk, j0+j] (kk < KN) sharing each load of z; KN fixed so the
+// accumulators live in registers.
+template <int KN>
+inline void row_dots_fixed(const float* __restrict z, const float* __restrict vt, int64_t n, int64_t k0,
+                           int64_t j0, int64_t len, float* __restrict rowacc) {
+  const int64_t jv = len - len % kVec;
+  vf16 s[KN] = {};
+  const float* rows[KN];
+#pragma GCC unroll 8
+  for (int kk = 0; kk < KN; ++kk) rows[kk] = vt + (k0 + kk) * n + j0;
+  for (int64_t j = 0; j < jv; j += kVec) {
+    const vf16 zj = vload(z + j);
+#pragma GCC unroll 8
+    for (int kk = 0; kk < KN; ++kk) s[kk] += zj * vload(rows[kk] + j);
+  }
+  for (int kk = 0; kk < KN; ++kk) {
+    float t = 0.0f;
+    for (int64_t l = 0; l < kVec; ++l) t += s[kk][l];
+    for (int64_t j = jv; j < len; ++j) t += z[j] * rows[kk][j];
+    rowacc[k0 + kk] += t;
+  }
+}
+
+// rowacc[k] += Σ_j z[j]·Vt[k, j0+j] for one row chunk, 8 (then 4, 2, 1) ranks at a time.
 inline void row_dots(const float* __restrict z, const float* __restrict vt, int64_t n, int64_t r, int64_t j0,
                      int64_t len, float* __restrict rowacc) {
-  const int64_t jv = len - len % kVec;
-  for (int64_t k0 = 0; k0 < r; k0 += 8) {
-    const int64_t kn = std::min<int64_t>(8, r - k0);
-    vf16 s[8] = {};
-    for (int64_t j = 0; j < jv; j += kVec) {
-      const vf16 zj = vload(z + j);
-      for (int64_t kk = 0; kk < kn; ++kk) s[kk] += zj * vload(vt + (k0 + kk) * n + j0 + j);
-    }
-    for (int64_t kk = 0; kk < kn; ++kk) {
-      float t = 0.0f;
-      for (int64_t l = 0; l < kVec; ++l) t += s[kk][l];
-      const float* row = vt + (k0 + kk) * n + j0;
-      for (int64_t j = jv; j < len; ++j) t += z[j] * row[j];
-      rowacc[k0 + kk] += t;
-    }
-  }
+  int64_t k0 = 0;
+  for (; k0 + 8 <= r; k0 += 8) row_dots_fixed<8>(z, vt, n, k0, j0, len, rowacc);
+  if (k0 + 4 <= r) { row_dots_fixed<4>(z, vt, n, k0, j0, len, rowacc); k0 += 4; }
+  if (k0 + 2 <= r) { row_dots_fixed<2>(z, vt, n, k0, j0, len, rowacc); k0 += 2; }
+  if (k0 < r) row_dots_fixed<1>(z, vt, n, k0, j0, len, rowacc);
 }
 
 constexpr int64_t kRows = 4;
