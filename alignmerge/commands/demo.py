@@ -102,7 +102,9 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
     from alignmerge.eval.report import format_table, plot_report, write_report
     from alignmerge.zoo import build_zoo
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from alignmerge.zoo import training_threads
+
+    torch.set_num_threads(training_threads())
     out = Path(out_dir)
     zoo = build_zoo(seed=seed, preset=preset, progress=progress)
 

@@ -163,4 +163,4 @@ def build_zoo(seed: int = 0, preset: str | dict = "default", home: str | Path | 
     return {m: final / m for m in ZOO_MODELS}
 
 
-__all__ = ["PRESETS", "ZOO_MODELS", "build_zoo", "default_home", "train_zoo"]
+__all__ = ["PRESETS", "ZOO_MODELS", "build_zoo", "default_home", "train_zoo", "training_threads"]
