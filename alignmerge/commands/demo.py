@@ -100,9 +100,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
     from alignmerge.api import merge
     from alignmerge.eval import METRIC_KEYS, evaluate
     from alignmerge.eval.report import format_table, plot_report, write_report
-    from alignmerge.zoo import build_zoo
-
-    from alignmerge.zoo import training_threads
+    from alignmerge.zoo import build_zoo, training_threads
 
     torch.set_num_threads(training_threads())
     out = Path(out_dir)
