@@ -162,13 +162,14 @@ def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, m
     """Doubling then bisection on lambda_align against a scripted AQI that rises with the constraint."""
     seen = []
 
-    def fake_aqi(model_dir, pairs, labels):
+    def fake_scores(model_dir, pairs, labels, refusal=True):
         if "anchor" in str(model_dir):
-            return 80.0
+            return {"aqi": 80.0, "refusal": 1.0}
         report = sorted((tmp_path).glob("out.alignmerge-cache/*.jsonl"))
         assert not report  # diagnostics files are consumed after each round
         lam = seen[-1]
-        return 80.0 - 40.0 / (1.0 + lam)  # passes (>= 75) from lambda_align = 7
+        # AQI passes (>= 75) from lambda_align = 7, the refusal rate (>= 0.95) from 6
+        return {"aqi": 80.0 - 40.0 / (1.0 + lam), "refusal": 1.0 if lam >= 6.0 else 0.5}
 
     original = am.AlignMerge.merge
 
@@ -177,7 +178,7 @@ def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, m
             seen.append(float(inputs.method_params["lambda_align"]))
         return original(self, inputs, **kw)
 
-    monkeypatch.setattr(am, "probe_aqi", fake_aqi)
+    monkeypatch.setattr(am, "probe_scores", fake_scores)
     monkeypatch.setattr(am.AlignMerge, "merge", spy)
     config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]), "alignment_data": str(family["data"]),
               "models": [{"model": str(family["expert"]), "parameters": {"weight": 1.0, "data": str(family["data"])}}],
@@ -188,7 +189,7 @@ def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, m
     lams = [r["lambda_align"] for r in report["rounds"]]
     assert lams[:4] == [1.0, 2.0, 4.0, 8.0]  # doubling until the first pass
     assert len(lams) == 6 and all(4.0 < lam < 8.0 for lam in lams[4:])  # then bisection in (4, 8)
-    assert report["aqi_met"] and 7.0 <= report["chosen_lambda_align"] <= 8.0
+    assert report["target_met"] and 7.0 <= report["chosen_lambda_align"] <= 8.0
     assert report["chosen_lambda_align"] == min(r["lambda_align"] for r in report["rounds"] if r["passed"])
     saved = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
     assert saved["rounds"] == report["rounds"] and saved["summary"]["weights_with_projector"] > 0
@@ -202,8 +203,10 @@ def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, m
 def test_probe_aqi_on_a_real_model_and_probe_errors(family, tmp_path):
     pairs, labels = am.probe_pairs(str(family["probes"]))
     assert len(pairs) == 10 and set(labels) == {0, 1}
-    value = am.probe_aqi(family["anchor"], pairs, labels)
-    assert 0.0 <= value <= 100.0
+    scores = am.probe_scores(family["anchor"], pairs, labels, refusal=False)
+    assert 0.0 <= scores["aqi"] <= 100.0 and scores["refusal"] is None
+    with_refusal = am.probe_scores(family["anchor"], pairs, labels)
+    assert with_refusal["aqi"] == pytest.approx(scores["aqi"]) and 0.0 <= with_refusal["refusal"] <= 1.0
     builtin_pairs, builtin_labels = am.probe_pairs("builtin", max_examples=4)
     assert len(builtin_pairs) == 12 and builtin_labels.count(1) == 4
     bad = tmp_path / "bad.jsonl"
