@@ -223,3 +223,35 @@ def test_run_merge_needs_alignment_data(family, tmp_path):
               "parameters": {"use_aqi_loop": False}}
     with pytest.raises(ConfigError, match="alignment_data"):
         am.run_alignmerge(config, tmp_path / "out")
+
+
+def test_data_expert_weights_favour_the_likelier_expert(family):
+    from alignmerge.config import load_config
+
+    config = load_config({"merge_method": "alignmerge", "anchor": str(family["anchor"]),
+                          "alignment_data": str(family["data"]),
+                          "models": [{"model": str(family["anchor"]), "parameters": {"data": str(family["data"])}},
+                                     {"model": str(family["expert"]), "parameters": {"data": str(family["data"])}}]})
+    opts = {"samples": 8, "max_length": 64, "batch_size": 4}
+    weights, info = am.data_expert_weights(config, 1.0, opts)
+    assert sum(weights) / 2 == pytest.approx(1.0)
+    nll = [i["nll_alignment"] + i["nll_data"] for i in info]
+    assert (weights[0] > weights[1]) == (nll[0] < nll[1])
+    ratio = weights[0] / weights[1]
+    assert ratio == pytest.approx(torch.exp(torch.tensor(nll[1] - nll[0], dtype=torch.float64)).item(), rel=1e-9)
+    flat, _ = am.data_expert_weights(config, 1e6, opts)  # a high temperature: equal weights
+    assert flat == pytest.approx([1.0, 1.0], rel=1e-4)
+    with pytest.raises(ConfigError, match="weight_temperature"):
+        am.data_expert_weights(config, 0.0, opts)
+
+
+def test_run_merge_refuses_a_non_empty_output(family, tmp_path):
+    from alignmerge.errors import AlignMergeError
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]), "alignment_data": str(family["data"]),
+              "models": [{"model": str(family["expert"]), "parameters": {"data": str(family["data"])}}]}
+    with pytest.raises(AlignMergeError, match="not empty"):
+        am.run_alignmerge(config, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").is_file()

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from alignmerge.errors import ConfigError
+from alignmerge.errors import AlignMergeError, ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, register
 
 REPORT_NAME = "alignmerge_report.json"
@@ -385,6 +385,8 @@ def run_alignmerge(config, out_dir, *, progress: bool = False, **merge_options) 
     defaults = AlignMerge.method_parameters
     params = {**defaults, **config.parameters}
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not merge_options.get("overwrite"):
+        raise AlignMergeError(f"{out}: output directory exists and is not empty (use --overwrite)")
     work = cache_dir(out)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -424,7 +426,7 @@ def run_alignmerge(config, out_dir, *, progress: bool = False, **merge_options) 
         diag = work / f"diagnostics-{target.name}.jsonl"
         diag.unlink(missing_ok=True)
         round_raw = {**raw, "parameters": {**raw_params, "lambda_align": lambda_align, "diagnostics": str(diag)}}
-        if target.exists():
+        if target != out and target.exists():  # a round directory of ours; the output obeys overwrite
             shutil.rmtree(target)
         merge(load_config(round_raw), target, progress=False, **merge_options)
         records = [json.loads(line) for line in diag.read_text(encoding="utf-8").splitlines() if line.strip()]
