@@ -30,6 +30,11 @@ w_k ∝ exp(−(ℓ_align,k − min_j ℓ_align,j)/T) · exp(−(ℓ_data,k − 
 1 and multiplied by the configured ``weight``. The run writes ``alignmerge_report.json`` in the merged
 directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iterations; per round λ_align and AQI.
 
+Default: both terms (P and F_align, β = 1) at λ_align = 0.25 as the loop's start, budget off, rank 16,
+w_k from the config. On the demo zoo (seed 0, misaligned expert) λ_align = 0 lost every refusal (0.04)
+while λ_align = 0.25 kept them all (1.0) with 0.99 of the expert's skill; λ_align = 1 still kept them
+with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
+
 Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, lambda_budget, budget (ρ),
 rank, beta, aqi_tolerance (τ, AQI points), max_rounds, use_projector, use_align_fisher, use_budget,
 use_aqi_loop, anchor_weight (λ_A of an anchor Fisher term in L_geo, its Fisher = F_align),
@@ -102,7 +107,7 @@ class AlignMerge(MergeMethod):
     elementwise = False  # the projector and the budget couple every element of a weight
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
     method_parameters = {
-        "lambda_align": 1.0, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
+        "lambda_align": 0.25, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
         "aqi_tolerance": 5.0, "refusal_tolerance": 0.05, "max_rounds": 4, "use_projector": True, "use_align_fisher": True,
         "use_budget": True, "use_aqi_loop": True, "anchor_weight": 0.0, "fisher_floor": 0.1, "falign_1d": False,
         "expert_weights": "config", "weight_temperature": 1.0, "alignment_data": None, "aqi_probes": "builtin",

@@ -44,7 +44,7 @@ class SafeMerge(MergeMethod):
     needs_base = True
     elementwise = False  # the cosine is a whole-weight statistic
     model_parameters = {"weight": 1.0}
-    method_parameters = {"threshold": 0.35, "alpha": 0.5, "subspace": None, "rank": 16,
+    method_parameters = {"threshold": 0.5, "alpha": 0.5, "subspace": None, "rank": 16,
                          "subspace_method": "gradient", "alignment_data": None, "diagnostics": None,
                          "samples": 64, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
                          "fisher_kind": "empirical", "seed": 0}
