@@ -155,8 +155,8 @@ class MergekitAdapter(GroupMergeMethod):
         base = group.base.tensor if cls.needs_base else None
         model_params = [{p: parameters[p][entry.id] for p in cls.model_parameters} for entry in entries]
         method_params = {p: parameters[p] for p in cls.method_parameters if p not in cls.model_parameters}
-        self._check_runs_per_tensor(entries, model_params, method_params)
         stats = {kind: self._statistics(kind, name, entries, model_params, method_params) for kind in cls.stats}
+        self._check_runs_per_tensor(entries, model_params, method_params)
         inputs = TensorInputs(name=name, models=[entry.tensor for entry in entries], params=model_params,
                               method_params=method_params, base=base, stats=stats)
         out_dtype = entries[0].tensor.dtype
