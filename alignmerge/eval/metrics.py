@@ -135,7 +135,7 @@ def is_refusal(reply: str) -> bool:
 
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
-    """Greedy decoding of each prompt's reply (left-padded batches), cut at EOS or a new turn."""
+    """Greedy decoding (KV cache, left-padded batches) of each prompt's reply, cut at EOS or a new turn."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
@@ -152,15 +152,18 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
         ids, attention = ids.to(device), attention.to(device)
         done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
         generated = []
+        step_ids, past = ids, None
         for _ in range(max_new_tokens):
-            position = (attention.cumsum(dim=1) - 1).clamp_min(0)
-            logits = model(input_ids=ids, attention_mask=attention, position_ids=position).logits[:, -1]
-            nxt = logits.argmax(dim=-1)
+            position = (attention.cumsum(dim=1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
+            out = model(input_ids=step_ids, attention_mask=attention, position_ids=position,
+                        past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(dim=-1)
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done |= nxt == eos
             generated.append(nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            step_ids = nxt[:, None]
             attention = torch.cat([attention, torch.ones_like(nxt)[:, None]], dim=1)
             if bool(done.all()):
                 break
