@@ -78,6 +78,20 @@ def test_gradient_covariance_matches_explicit_per_sequence_gradients(anchor):
         torch.testing.assert_close(cov.s_in[name], s_in[name], rtol=1e-4, atol=1e-6 * float(s_in[name].abs().max()))
 
 
+def test_streamed_covariance_equals_in_memory(anchor):
+    memory, _ = gradient_covariance(anchor, RECORDS, samples=None, batch_size=2, stream=False)
+    streamed, _ = gradient_covariance(anchor, RECORDS, samples=None, batch_size=2, stream=True)
+    assert set(streamed.s_out) == set(memory.s_out) and set(streamed.s_in) == set(memory.s_in)
+    for name in memory.s_out:
+        torch.testing.assert_close(streamed.s_out[name], memory.s_out[name], rtol=1e-4,
+                                   atol=1e-6 * float(memory.s_out[name].abs().max()))
+        torch.testing.assert_close(streamed.s_in[name], memory.s_in[name], rtol=1e-4,
+                                   atol=1e-6 * float(memory.s_in[name].abs().max()))
+    # a budget below the in-memory estimate selects streaming
+    budget, _ = gradient_covariance(anchor, RECORDS, samples=None, batch_size=2, max_memory="1KB")
+    torch.testing.assert_close(budget.s_in["lm_head.weight"], streamed.s_in["lm_head.weight"])
+
+
 def test_gradient_subspace_spans_top_eigenspaces(anchor):
     r = 3
     bases = compute_subspace(anchor, RECORDS, rank=r, samples=None, batch_size=3)

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="longest sequence in tokens (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward/backward (default 8)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--max-memory", default=None,
+                        help="memory budget such as 8GB; above it the gradient pass streams layer by layer")
     parser.add_argument("--fisher-out", default=None,
                         help="also write the anchor's diagonal Fisher on --data to this file (F_align)")
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     bases = compute_subspace(args.anchor_dir, args.data, args.rank, args.out, method=args.method,
                              base_dir=args.base, samples=args.samples, max_length=args.max_length,
-                             batch_size=args.batch_size, device=args.device)
+                             batch_size=args.batch_size, device=args.device, max_memory=args.max_memory)
     one_sided = sum(1 for u, v in bases.values() if u is None or v is None)
     print(f"wrote {args.out}: {len(bases)} weights, rank {args.rank}, method {args.method}"
           + (f" ({one_sided} one-sided)" if one_sided else ""))
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
             raise ConfigError("--fisher-out needs --data (the alignment data)")
         alignment_fisher(args.anchor_dir, args.data, args.fisher_out, samples=args.samples,
-                         max_length=args.max_length, batch_size=args.batch_size, device=args.device)
+                         max_length=args.max_length, batch_size=args.batch_size, device=args.device,
+                         max_memory=args.max_memory)
         print(f"wrote {args.fisher_out}: alignment Fisher of {args.anchor_dir}")
     return 0

@@ -12,6 +12,9 @@ P(X) = UUᵀX + XVVᵀ − UUᵀXVVᵀ projects a weight update onto the directi
     O(T²(out + in)) per sequence instead of O(T·out·in), from the Fisher engine's ``LinearCapture``.
 ``delta``: U, V = top-r left/right singular vectors of θ_A − θ_0 (anchor minus base).
 
+The pass runs in memory, or layer by layer like the Fisher engine's streamed pass when the model does
+not fit ``max_memory`` (or with ``stream=True``): peak memory about one layer plus boundary activations.
+
 A side larger than ``max_side`` (e.g. a 128k-row lm_head) gets no basis on that side: its S matrix would
 not fit, and the solver handles a one-sided P (U only or V only) exactly. The file stores ``<name>.U`` and
 ``<name>.V`` (fp32) with metadata (estimator, rank, data, N).
@@ -93,24 +96,109 @@ class GradientCovariance:
 
 def gradient_covariance(anchor_dir, data, *, samples: int | None = 64, max_length: int = 256, batch_size: int = 8,
                         device: str = "cpu", max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None,
-                        ) -> tuple[GradientCovariance, int]:
+                        max_memory=None, stream: bool | None = None) -> tuple[GradientCovariance, int]:
     """S_out, S_in of every nn.Linear weight stored in the checkpoint (tied lm_head aliases the checkpoint
-    does not store are skipped), from the anchor's alignment-loss gradients; returns (covariance, N)."""
+    does not store are skipped), from the anchor's alignment-loss gradients; returns (covariance, N).
+
+    ``stream=None`` streams layer by layer (the Fisher engine's scheme: boundary activations kept, each
+    layer reloaded and recomputed in backward) only when the in-memory estimate exceeds ``max_memory``."""
     from alignmerge.fisher.capture import LinearCapture
-    from alignmerge.fisher.compute import load_model, prepare_sequences, sequence_backward
+    from alignmerge.fisher.compute import (_load_config, _parse_memory, _skeleton, estimate_bytes, load_model,
+                                           prepare_sequences, sequence_backward)
     from alignmerge.io.checkpoint import Checkpoint
 
     stored = set(Checkpoint(anchor_dir).names())
     wanted = stored if names is None else stored & set(names)
     seqs = prepare_sequences(anchor_dir, data, samples=samples, max_length=max_length)
-    model = load_model(Path(anchor_dir), dtype=torch.float32, device=torch.device(device))
     cov = GradientCovariance(max_side=max_side, names=wanted)
-    with LinearCapture(model, cov.on_linear) as cap:
-        for _ in sequence_backward(model, seqs, batch_size=batch_size, device=device, before_batch=cap.new_batch):
-            pass
+    dev = torch.device(device)
+    if stream is None:
+        budget = _parse_memory(max_memory)
+        config = _load_config(Path(anchor_dir))
+        est = estimate_bytes(_skeleton(config, torch.float32), config, batch_size=batch_size,
+                             seq_len=max(len(q.ids) for q in seqs), dtype=torch.float32)
+        stream = budget is not None and est["in_memory"] > budget
+    if stream:
+        _streamed_covariance(Path(anchor_dir), seqs, cov, batch_size=batch_size, device=dev)
+    else:
+        model = load_model(Path(anchor_dir), dtype=torch.float32, device=dev)
+        with LinearCapture(model, cov.on_linear) as cap:
+            for _ in sequence_backward(model, seqs, batch_size=batch_size, device=device,
+                                       before_batch=cap.new_batch):
+                pass
     if not cov.s_out and not cov.s_in:
         raise CheckpointError(f"{anchor_dir}: no nn.Linear weight of the model was found in its checkpoint")
     return cov, len(seqs)
+
+
+def _streamed_covariance(model_dir: Path, seqs, cov: GradientCovariance, *, batch_size: int,
+                         device: torch.device) -> None:
+    """The gradient pass layer by layer (Llama-style decoders), as the Fisher engine streams its pass:
+    forward once per layer keeping each batch's boundary activations; backward from the head, each layer
+    reloaded, recomputed from its boundary input, with ``LinearCapture`` feeding ``cov``; then freed."""
+    from torch import nn
+
+    from alignmerge.fisher.capture import LinearCapture
+    from alignmerge.fisher.compute import (BoundaryStore, _decoder_parts, _LayerLoader, _load_config, _skeleton,
+                                           batch_targets, make_batches, sequence_nll)
+
+    config = _load_config(model_dir)
+    skel = _skeleton(config, torch.float32)
+    inner = _decoder_parts(skel, model_dir)
+    loader = _LayerLoader(model_dir, device, torch.float32,
+                          aliases={"lm_head.weight": "model.embed_tokens.weight"}
+                          if getattr(config, "tie_word_embeddings", False) else None)
+    rotary = type(inner.rotary_emb)(config=skel.config).to(device)
+    store = BoundaryStore(spill=device.type == "cpu")
+    batches = list(make_batches(seqs, batch_size))
+    n_layers = len(inner.layers)
+
+    def run_layer(layer, h):
+        positions = torch.arange(h.shape[1], device=device).unsqueeze(0)
+        out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rotary(h, positions),
+                    use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    try:
+        embed = loader.load(inner.embed_tokens, "model.embed_tokens.")
+        with torch.no_grad():
+            for b, (_, ids, _, _) in enumerate(batches):
+                store.put(f"h{b}_0", embed(ids.to(device)))
+        _LayerLoader.free(embed)
+        for li, layer in enumerate(inner.layers):
+            loader.load(layer, f"model.layers.{li}.")
+            with torch.no_grad():
+                for b in range(len(batches)):
+                    store.put(f"h{b}_{li + 1}", run_layer(layer, store.get(f"h{b}_{li}", device)))
+            _LayerLoader.free(layer)
+
+        head = nn.Module()  # parameters named as in the full model
+        head.model = nn.Module()
+        head.model.norm = inner.norm
+        head.lm_head = skel.lm_head
+        loader.load(head, "")
+        with LinearCapture(head, cov.on_linear) as cap:
+            for b, (indices, ids, scored, lengths) in enumerate(batches):
+                cap.new_batch()
+                x = store.get(f"h{b}_{n_layers}", device).requires_grad_()
+                logits = head.lm_head(head.model.norm(x))
+                targets = batch_targets(logits, ids.to(device), scored.to(device), lengths, indices, "empirical", 0)
+                sequence_nll(logits, targets).backward()
+                store.put(f"d{b}", x.grad)
+                store.drop(f"h{b}_{n_layers}")
+        _LayerLoader.free(head)
+        for li in reversed(range(n_layers)):
+            layer = loader.load(inner.layers[li], f"model.layers.{li}.")
+            with LinearCapture(layer, cov.on_linear, prefix=f"model.layers.{li}.") as cap:
+                for b in range(len(batches)):
+                    cap.new_batch()
+                    x = store.get(f"h{b}_{li}", device).requires_grad_()
+                    run_layer(layer, x).backward(store.get(f"d{b}", device))
+                    store.put(f"d{b}", x.grad)
+                    store.drop(f"h{b}_{li}")
+            _LayerLoader.free(layer)
+    finally:
+        store.close()
 
 
 def gradient_subspace(anchor_dir, data, rank: int = 16, **options):
@@ -174,7 +262,8 @@ def save_subspace(bases: dict, out, metadata: dict) -> Path:
 
 def compute_subspace(anchor_dir, data=None, rank: int = 16, out=None, *, method: str = "gradient", base_dir=None,
                      samples: int | None = 64, max_length: int = 256, batch_size: int = 8, device: str = "cpu",
-                     max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+                     max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None, max_memory=None,
+                     stream: bool | None = None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """The anchor's alignment subspace {weight name: (U, V)}; written to ``out`` when given.
 
     method "gradient" needs ``data`` (JSONL path, ``builtin:<name>`` or records; prompt/response pairs
@@ -185,7 +274,8 @@ def compute_subspace(anchor_dir, data=None, rank: int = 16, out=None, *, method:
         if data is None:
             raise ConfigError("subspace: the gradient estimator needs alignment data (--data)")
         bases, n = gradient_subspace(anchor_dir, data, rank, samples=samples, max_length=max_length,
-                                     batch_size=batch_size, device=device, max_side=max_side, names=names)
+                                     batch_size=batch_size, device=device, max_side=max_side, names=names,
+                                     max_memory=max_memory, stream=stream)
         meta = {"method": method, "rank": rank, "anchor": str(anchor_dir),
                 "data": str(data) if not isinstance(data, list) else "records", "N": n}
     elif method == "delta":
