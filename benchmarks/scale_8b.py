@@ -4,7 +4,7 @@ Writes base + 2 experts with Llama-3-8B shapes (hidden 4096, intermediate 14336,
 vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs
 `alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time,
 bytes read and written, effective GB/s against the memory-copy rate measured in the same run, and
-peak RSS; mergekit's ties runs on the same files for comparison (--skip-mergekit to leave it out).
+peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers).
 Disk: 3 x 16 GB for 32 layers.
 
     python benchmarks/scale_8b.py --layers 4 8 32
@@ -42,7 +42,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-memory", default="1GB")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--mergekit-layers", type=int, nargs="*", default=None,
+                    help="layer counts at which mergekit also runs (default: the smallest of --layers; "
+                         "it needs ~100 s per 8B-shaped layer on 2 cores)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
         runs = {"alignmerge": [sys.executable, "-m", "alignmerge", "merge", str(cfg), str(root / "out-alignmerge"),
                                "--threads", str(args.threads), "--max-memory", args.max_memory,
                                "--device", args.device, "--no-progress", "--overwrite"]}
-        if not args.skip_mergekit and shutil.which("mergekit-yaml"):
+        mergekit_layers = [min(args.layers)] if args.mergekit_layers is None else args.mergekit_layers
+        if layers in mergekit_layers and shutil.which("mergekit-yaml"):
             shutil.rmtree(root / "out-mergekit", ignore_errors=True)
             runs["mergekit"] = [shutil.which("mergekit-yaml"), str(cfg), str(root / "out-mergekit"), "--quiet",
                                 "--num-threads", str(args.threads)]
