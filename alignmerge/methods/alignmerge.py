@@ -108,7 +108,8 @@ class AlignMerge(MergeMethod):
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
     method_parameters = {
         "lambda_align": 0.25, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
-        "aqi_tolerance": 5.0, "refusal_tolerance": 0.05, "max_rounds": 4, "use_projector": True, "use_align_fisher": True,
+        "aqi_tolerance": 5.0, "refusal_tolerance": 0.05, "max_rounds": 4, "use_projector": True,
+        "use_align_fisher": True,
         "use_budget": True, "use_aqi_loop": True, "anchor_weight": 0.0, "fisher_floor": 0.1, "falign_1d": False,
         "expert_weights": "config", "weight_temperature": 1.0, "alignment_data": None, "aqi_probes": "builtin",
         "aqi_examples": None, "subspace_method": "gradient", "subspace": None, "align_fisher": None,
