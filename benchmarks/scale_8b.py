@@ -4,7 +4,9 @@ Writes base + 2 experts with Llama-3-8B shapes (hidden 4096, intermediate 14336,
 vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs
 `alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time,
 bytes read and written, effective GB/s against the memory-copy rate measured in the same run, and
-peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers).
+peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and
+merge_method alignmerge with synthetic Fisher and subspace files (at --alignmerge-layers; tool
+"alignmerge-am" in the table; its bytes read exclude the Fisher files).
 Disk: 3 x 16 GB for 32 layers.
 
     python benchmarks/scale_8b.py --layers 4 8 32
@@ -31,6 +33,47 @@ def ties_config(base: Path, experts: list[Path]) -> dict:
             "parameters": {"normalize": True}, "dtype": "bfloat16"}
 
 
+def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int = 16) -> dict:
+    """Random stand-ins for the data passes (an 8B forward is out of reach here): per-expert Fisher
+    files (fp32, |N(0,1)| + 0.1, streamed tensor by tensor) and an orthonormal rank-r subspace per
+    2-D layer weight. Returns the alignmerge config."""
+    import torch
+
+    from alignmerge.io import Checkpoint, OutputTensor, ShardedWriter
+    from alignmerge.subspace import save_subspace
+
+    ck = Checkpoint(base)
+    names = ck.names()
+    gen = torch.Generator().manual_seed(1)
+    fisher_files = []
+    for k, _expert in enumerate(experts):
+        out = root / f"fisher{k}"
+        if not (out / "model.safetensors").exists():
+            writer = ShardedWriter(out, [OutputTensor(n, ck.shape(n), torch.float32) for n in names],
+                                   max_shard_bytes=2**62)
+            writer.open()
+            for n in names:
+                writer.write(n, torch.randn(ck.shape(n), generator=gen).abs_().add_(0.1))
+            writer.close()
+        fisher_files.append(out / "model.safetensors")
+    subspace = root / "subspace.safetensors"
+    if not subspace.exists():
+        bases = {}
+        for n in names:
+            shape = ck.shape(n)
+            if len(shape) == 2 and ".layers." in n:
+                u = torch.linalg.qr(torch.randn(shape[0], rank, generator=gen))[0]
+                v = torch.linalg.qr(torch.randn(shape[1], rank, generator=gen))[0]
+                bases[n] = (u, v)
+        save_subspace(bases, subspace, {"estimator": "random (benchmark)", "rank": rank})
+    return {"merge_method": "alignmerge", "anchor": str(base),
+            "models": [{"model": str(e), "parameters": {"weight": 1.0, "fisher": str(f)}}
+                       for e, f in zip(experts, fisher_files)],
+            "parameters": {"subspace": str(subspace), "use_align_fisher": False, "use_aqi_loop": False,
+                           "lambda_align": 1.0},
+            "dtype": "bfloat16"}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -45,6 +88,9 @@ def main() -> None:
     ap.add_argument("--mergekit-layers", type=int, nargs="*", default=None,
                     help="layer counts at which mergekit also runs (default: the smallest of --layers; "
                          "it needs ~100 s per 8B-shaped layer on 2 cores)")
+    ap.add_argument("--alignmerge-layers", type=int, nargs="*", default=None,
+                    help="layer counts at which alignmerge (synthetic Fisher and subspace files) also runs "
+                         "(default: the smallest of --layers)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
 
@@ -67,6 +113,12 @@ def main() -> None:
             shutil.rmtree(root / "out-mergekit", ignore_errors=True)
             runs["mergekit"] = [shutil.which("mergekit-yaml"), str(cfg), str(root / "out-mergekit"), "--quiet",
                                 "--num-threads", str(args.threads)]
+        if layers in ([min(args.layers)] if args.alignmerge_layers is None else args.alignmerge_layers):
+            am_cfg = root / "alignmerge.yaml"
+            am_cfg.write_text(yaml.safe_dump(write_synthetic_stats(root, base, experts)))
+            runs["alignmerge-am"] = [sys.executable, "-m", "alignmerge", "merge", str(am_cfg),
+                                     str(root / "out-alignmerge-am"), "--threads", str(args.threads), "--max-memory",
+                                     args.max_memory, "--device", args.device, "--no-progress", "--overwrite"]
         for tool, cmd in runs.items():
             wall, rss, code = run_measured(cmd)
             written = dir_bytes(root / f"out-{tool}") if code == 0 else 0
