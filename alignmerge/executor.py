@@ -1,7 +1,7 @@
 """Execution: run a MergePlan tensor by tensor with bounded memory, prefetching the next inputs.
 
 A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused
-buffers while the current unit merges (no fresh allocations, so no first-touch page faults on the
+buffers (pinned on CUDA, copied to the device on a separate stream) while the current unit merges (no fresh allocations, so no first-touch page faults on the
 hot path); results stream to the ShardedWriter. Peak memory ~ two units of inputs + one output.
 """
 from __future__ import annotations
@@ -71,6 +71,7 @@ class Executor:
         self.on_progress = on_progress or (lambda n: None)
         self.on_tensor_done = on_tensor_done or (lambda name: None)
         self.pool = BufferPool(pin=self.device.type == "cuda")
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._out_buffers: dict[int, torch.Tensor] = {}
         self.bytes_read = 0
         self.bytes_written = 0
@@ -81,12 +82,14 @@ class Executor:
             for rows in task.chunks:
                 yield WorkUnit(task, rows)
 
-    def _read(self, unit: WorkUnit, slot: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _read(self, unit: WorkUnit, slot: int) -> tuple[list[torch.Tensor], torch.Tensor | None, object]:
+        """Read a unit's inputs into the slot's (pinned, on CUDA) buffers; on CUDA also start their
+        host-to-device copies on the copy stream. Returns (tensors, base, copy-done event or None)."""
         task = unit.task
         rows = None if unit.rows == (0, task.shape[0] if task.shape else 1) else unit.rows
         if task.copy_from_reference:
             ref = self.plan.reference
-            return [ref.read(task.name, rows=rows, out=self.pool.get(slot, 0, ref.nbytes(task.name)))], None
+            return [ref.read(task.name, rows=rows, out=self.pool.get(slot, 0, ref.nbytes(task.name)))], None, None
         tensors = []
         for k, ck in enumerate(self.plan.models):
             tensors.append(ck.read(task.name, rows=rows, out=self.pool.get(slot, k, ck.nbytes(task.name))))
@@ -95,7 +98,14 @@ class Executor:
             ck = self.plan.base
             base = ck.read(task.name, rows=rows, out=self.pool.get(slot, len(tensors), ck.nbytes(task.name)))
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
-        return tensors, base
+        if self.copy_stream is None:
+            return tensors, base, None
+        with torch.cuda.stream(self.copy_stream):
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+            base = base.to(self.device, non_blocking=True) if base is not None else None
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return tensors, base, ready
 
     # ---- main loop -----------------------------------------------------------------------
     def run(self, tasks: list[TensorTask] | None = None) -> None:
@@ -119,9 +129,11 @@ class Executor:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def _process(self, unit: WorkUnit, tensors: list[torch.Tensor], base: torch.Tensor | None,
+    def _process(self, unit: WorkUnit, tensors: list[torch.Tensor], base: torch.Tensor | None, ready,
                  state: dict[int, object]) -> None:
         task = unit.task
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         if task.copy_from_reference:
             self.writer.write(task.name, tensors[0], unit.rows[0])
             self._done(unit, tensors[0].numel() * tensors[0].element_size())
@@ -164,7 +176,10 @@ class Executor:
         stat = self.plan.method.chunk_statistic(first, math.prod(task.shape))
         while stat is not None and not stat.done:
             for rows in task.chunks:
-                stat.update(self._inputs(task, rows, *self._read(WorkUnit(task, rows), 2)))
+                tensors, base, ready = self._read(WorkUnit(task, rows), 2)
+                if ready is not None:
+                    torch.cuda.current_stream(self.device).wait_event(ready)
+                stat.update(self._inputs(task, rows, tensors, base))
             stat.finish_pass()
         return stat
 
