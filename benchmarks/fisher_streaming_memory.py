@@ -2,9 +2,9 @@
 
 For each depth (default 2, 4, 8, 16 layers) a random Llama checkpoint (width 512, vocab 4096,
 fp32) is written to a temporary directory; each pass runs in a fresh process via
-alignmerge.fisher.compute_fisher on N sequences of T tokens, and reports its peak RSS above the
-RSS after imports. Streaming keeps about one layer of weights, its Fisher, and one batch of
-activations; boundary activations are spilled to disk on a CPU-only run, so its peak should stay
+alignmerge.fisher.compute_fisher on N sequences of T tokens, and reports the peak RSS during the
+pass (the kernel's VmHWM, reset just before it) above the RSS before it. Streaming keeps about one
+layer of weights, its Fisher, and one batch of activations; boundary activations are spilled to disk on a CPU-only run, so its peak should stay
 flat with depth while the in-memory pass grows with the model (weights + an fp32 Fisher buffer).
 
   python benchmarks/fisher_streaming_memory.py [--depths 2,4,8,16 --width 512 --n 16 --t 128]
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,20 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,?!'0123456789"
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make_checkpoint(path: Path, layers: int, width: int, vocab: int) -> None:
@@ -63,11 +76,12 @@ def child(args) -> None:
     rng = random.Random(0)
     records = [{"text": "".join(rng.choice(CHARS) for _ in range(args.t - 1))} for _ in range(args.n)]
     base = rss_bytes()
+    reset_peak_rss()
     t0 = time.perf_counter()
     compute_fisher(args.model, records, args.out, batch_size=args.batch_size, stream=args.stream == "stream",
                    max_length=args.t)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"seconds": seconds, "peak_extra_bytes": peak - base}))
 
 
@@ -91,11 +105,11 @@ def main() -> int:
         return 0
     # a fixed mmap threshold makes glibc return freed layer-sized blocks to the OS at once, so
     # RSS shows live memory rather than the allocator's high-water mark
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="1048576",
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_ARENA_MAX="2",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     rows = []
     print(f"Llama width={args.width} vocab={args.vocab} fp32, N={args.n} T={args.t} batch={args.batch_size}, "
-          f"{args.threads} threads; peak RSS above the process's RSS after imports")
+          f"{args.threads} threads; peak RSS during the pass above the RSS before it")
     print(f"{'layers':>6}{'params M':>10}{'in-memory MB':>14}{'s':>7}{'streamed MB':>13}{'s':>7}")
     with tempfile.TemporaryDirectory(prefix="fisher-stream-bench-") as tmp:
         for depth in [int(d) for d in args.depths.split(",")]:

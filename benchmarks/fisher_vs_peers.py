@@ -9,8 +9,8 @@ T tokens, every token after the first scored. Modes:
              LlamaRMSNorm has no Opacus grad sampler, so norms are frozen there (slightly less work)
   backpack   BackPACK SumGradSquared (only if backpack-for-pytorch imports; norms frozen likewise)
 Each mode: one warm-up pass, then --reps timed passes; the table shows the best (least disturbed
-by other load on the machine) and the median. Peak memory is the process's peak RSS above its RSS
-just before the first pass (model and inputs already built).
+by other load on the machine) and the median. Peak memory is the process's peak RSS during the passes
+(VmHWM, reset just before the first) above its RSS then (model and inputs already built).
 
   python benchmarks/fisher_vs_peers.py [--layers 4 --width 512 --vocab 4096 --n 16 --t 128 --threads 2]
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,20 @@ MODES = ["plain", "fisher", "loop", "opacus", "backpack"]
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build(args):
@@ -129,13 +142,14 @@ def child(args) -> None:
         print(json.dumps({"mode": args.mode, "skipped": str(exc)}))
         return
     base = rss_bytes()
+    reset_peak_rss()
     run()  # warm-up
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     n_params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"mode": args.mode, "seconds": min(times), "median": statistics.median(times), "times": times,
                       "peak_extra_bytes": peak - base, "fisher_buffer_bytes": 4 * n_params}))
