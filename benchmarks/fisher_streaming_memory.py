@@ -4,8 +4,9 @@ For each depth (default 2, 4, 8, 16 layers) a random Llama checkpoint (width 512
 fp32) is written to a temporary directory; each pass runs in a fresh process via
 alignmerge.fisher.compute_fisher on N sequences of T tokens, and reports the peak RSS during the
 pass (the kernel's VmHWM, reset just before it) above the RSS before it. Streaming keeps about one
-layer of weights, its Fisher, and one batch of activations; boundary activations are spilled to disk on a CPU-only run, so its peak should stay
-flat with depth while the in-memory pass grows with the model (weights + an fp32 Fisher buffer).
+layer of weights, its Fisher, and one batch of activations; boundary activations are spilled to
+disk on a CPU-only run, so its peak should stay flat with depth while the in-memory pass grows
+with the model (weights + an fp32 Fisher buffer).
 
   python benchmarks/fisher_streaming_memory.py [--depths 2,4,8,16 --width 512 --n 16 --t 128]
 """
