@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignmerge.config import MergeConfig, load_config
+from alignmerge.distributed import all_ranks_ok, barrier, distributed_context
 from alignmerge.errors import AlignMergeError
 from alignmerge.executor import Executor
 from alignmerge.io.output import StagedOutput
@@ -114,14 +115,14 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     if world > 1:
         if resume:
             raise AlignMergeError("--resume is not supported in a distributed (torchrun) merge; rerun it whole")
-        if device.startswith("cuda") and ":" not in device:
+        if str(device).startswith("cuda") and ":" not in str(device):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     mine = {s for i, s in enumerate(writer.shard_names) if i % world == rank}
 
     with _sigterm_as_interrupt():
         if rank == 0:
             staged.prepare()
-        _barrier(world)
+        barrier(world)
         progress_state = staged.load_progress()
         done_shards = _verified_shards(writer, progress_state, layout_key)
         tasks = [t for t in plan.tasks if writer.shard_of[t.name] in mine and writer.shard_of[t.name] not in done_shards]
@@ -156,7 +157,7 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
             writer.abort()
             failure = exc
         bar.close()
-        if not _all_ranks_ok(failure is None, world):
+        if not all_ranks_ok(failure is None, world):
             if rank == 0:
                 staged.discard()
             if failure is not None:
@@ -166,41 +167,8 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
             writer.write_index()
             _write_metadata(plan, config, staged.staging)
             staged.commit()
-        _barrier(world)
+        barrier(world)
     return MergeResult(staged.final, len(plan.tasks), executor.bytes_read, executor.bytes_written, writer.shard_names)
-
-
-def distributed_context(device: str = "cpu") -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed from torchrun's environment when needed.
-
-    gloo on CPU, NCCL on CUDA. A single process returns (0, 1).
-    """
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return 0, 1
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _all_ranks_ok(ok: bool, world: int) -> bool:
-    if world == 1:
-        return ok
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _result_from_directory(out_dir: Path, report: dict | None) -> MergeResult:

@@ -30,3 +30,26 @@ def test_torchrun_merge_equals_single_process(tiny_llamas, tmp_path):
     assert names == sorted(p.name for p in multi.iterdir())
     for n in names:
         assert filecmp.cmp(single / n, multi / n, shallow=False), n
+
+
+@pytest.mark.parametrize("kind", ["empirical", "true"])
+def test_torchrun_fisher_equals_single_process(kind, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import make_tiny_llama
+    from test_fisher import RECORDS, add_char_tokenizer, write_jsonl
+
+    model = add_char_tokenizer(make_tiny_llama(tmp_path / "m", seed=5, dtype=__import__("torch").float32,
+                                               hidden=32, intermediate=48, layers=2))
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS * 2)
+    args = ["fisher", str(model), "--data", str(data), "--kind", kind, "--batch-size", "3"]
+    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
+    assert subprocess.run([sys.executable, "-m", "alignmerge", *args, "--out", str(single)]).returncode == 0
+    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "alignmerge", *args,
+                           "--out", str(multi)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(single)), load_file(str(multi))
+    assert set(a) == set(b)
+    for name in a:
+        scale = float(a[name].abs().max())
+        assert float((a[name] - b[name]).abs().max()) <= 1e-6 * max(scale, 1e-30), name

@@ -30,6 +30,7 @@ from torch import nn
 
 from alignmerge.data import (TokenizedSequence, load_records, load_tokenizer, pad_batch, special_token_ids,
                              tokenize_records)
+from alignmerge.distributed import all_reduce_sum, barrier, distributed_context, rank_slice
 from alignmerge.errors import CheckpointError, ConfigError, DataError
 from alignmerge.fisher.capture import (SquaredGradCapture, embedding_squared_grads, shared_squared_grads,
                                       supported_parameters)
@@ -66,14 +67,15 @@ def sequence_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100, reduction="sum")
 
 
-def make_batches(seqs: list[TokenizedSequence], batch_size: int):
-    """Consecutive batches: (global indices, ids, scored, lengths)."""
+def make_batches(seqs: list[TokenizedSequence], batch_size: int, first_index: int = 0):
+    """Consecutive batches: (global indices, ids, scored, lengths); ``seqs[0]`` has index ``first_index``."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1 (got {batch_size})")
     for b0 in range(0, len(seqs), batch_size):
         chunk = seqs[b0:b0 + batch_size]
         ids, scored, _ = pad_batch(chunk)
-        yield list(range(b0, b0 + len(chunk))), ids, scored, [len(s.ids) for s in chunk]
+        start = first_index + b0
+        yield list(range(start, start + len(chunk))), ids, scored, [len(s.ids) for s in chunk]
 
 
 # ---- output file -------------------------------------------------------------------------
@@ -276,6 +278,10 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
     metadata = {"format": "pt", "alignmerge": "fisher", "model": str(model_dir),
                 "data": str(data) if not isinstance(data, list) else "records", "kind": kind,
                 "N": str(len(seqs)), "seed": str(seed), "dtype": str(dtype).replace("torch.", "")}
+    rank, world = distributed_context(device)
+    if stream and world > 1:
+        raise ConfigError("a streamed Fisher pass (--max-memory below the model) cannot be split across torchrun "
+                          "ranks; run it in one process or raise --max-memory")
     if stream:
         tied = _tied_names(skel)
         if any(not t.startswith("lm_head.weight = ") for t in tied):
@@ -294,7 +300,7 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
         return mmap_safetensors(target)
     fisher = _fisher_in_memory(model_dir, seqs, kind=kind, batch_size=batch_size, device=device, seed=seed,
                                dtype=dtype, backend=backend, progress=progress)
-    if out is not None:
+    if out is not None and rank == 0:
         writer = Fp32SafetensorsWriter(out, shapes, metadata)
         try:
             for name, t in fisher.items():
@@ -303,6 +309,7 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
             writer.abort()
             raise
         writer.close()
+    barrier(world)
     return fisher
 
 
@@ -338,7 +345,8 @@ def prepare_sequences(model_dir, data, *, samples: int | None = None, max_length
 
 
 def sequence_backward(model: nn.Module, seqs: list[TokenizedSequence], *, batch_size: int = 8,
-                      kind: str = "empirical", seed: int = 0, device="cpu", before_batch=None, after_batch=None):
+                      kind: str = "empirical", seed: int = 0, device="cpu", before_batch=None, after_batch=None,
+                      first_index: int = 0):
     """Run forward + backward of Σ_n −log p(y_n|x_n) batch by batch; yields each batch's size.
 
     The weights may be frozen: the input embeddings' output is made to require grad so that
@@ -355,7 +363,7 @@ def sequence_backward(model: nn.Module, seqs: list[TokenizedSequence], *, batch_
 
     handle = model.get_input_embeddings().register_forward_hook(make_leaf)
     try:
-        for indices, ids, scored, lengths in make_batches(seqs, batch_size):
+        for indices, ids, scored, lengths in make_batches(seqs, batch_size, first_index):
             if before_batch is not None:
                 before_batch()
             ids, scored = ids.to(device), scored.to(device)
@@ -371,14 +379,20 @@ def sequence_backward(model: nn.Module, seqs: list[TokenizedSequence], *, batch_
 
 
 def _fisher_in_memory(model_dir: Path, seqs, *, kind, batch_size, device, seed, dtype, backend, progress):
+    """F = (1/N) Σ_n g_n²; under torchrun each rank takes a contiguous block of the N sequences
+    (keeping their global indices, so "true" labels match a single process) and the sums are all-reduced."""
+    rank, world = distributed_context(device)
+    lo, hi = rank_slice(len(seqs), rank, world)
     model = load_model(model_dir, dtype=dtype, device=device)
     fisher = {name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in model.named_parameters()}
-    bar = _progress(len(seqs), "fisher", progress)
+    bar = _progress(hi - lo, "fisher", progress and rank == 0)
     with SquaredGradCapture(model, fisher, backend=backend) as cap:
-        for n in sequence_backward(model, seqs, batch_size=batch_size, kind=kind, seed=seed, device=device,
-                                   before_batch=cap.new_batch, after_batch=cap.finish_batch):
+        for n in sequence_backward(model, seqs[lo:hi], batch_size=batch_size, kind=kind, seed=seed, device=device,
+                                   before_batch=cap.new_batch, after_batch=cap.finish_batch, first_index=lo):
             bar.update(n)
     bar.close()
+    if world > 1:
+        all_reduce_sum(fisher.values())
     for t in fisher.values():
         t.div_(len(seqs))
     return {k: v.cpu() for k, v in fisher.items()}
