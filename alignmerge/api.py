@@ -89,6 +89,10 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
             threads=threads, max_memory=max_memory, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
             overwrite=overwrite, prefetch=prefetch, backend=backend)
         return _result_from_directory(Path(out_dir), report)
+    if getattr(method_cls, "prepare_stats", None) is not None:
+        # preflight: every given statistics file must match its model's tensor names and shapes
+        out = Path(out_dir)
+        method_cls.prepare_stats(config, out.parent / f"{out.name}.alignmerge-cache")
     if threads:
         torch.set_num_threads(threads)
         from alignmerge.ops._backend import cpp_extension

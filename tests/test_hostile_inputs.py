@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,6 +121,14 @@ def _break(kind: str, tiny: dict, tmp: Path):
         st_file.unlink()
         (bad / "pytorch_model.bin").write_bytes(b"not really a pickle")
         expect = "--allow-pickle"
+    elif kind == "fisher_for_another_model":
+        other = {name: torch.ones(3, 5) for name in load_file(str(st_file))}  # names right, shapes wrong
+        fisher = tmp / "other_fisher.safetensors"
+        save_file(other, str(fisher))
+        cfg = {"merge_method": "fisher", "models": [{"model": str(bad), "parameters": {"fisher": str(fisher)}},
+                                                    {"model": str(tiny["experts"][1]),
+                                                     "parameters": {"fisher": str(fisher)}}]}
+        expect = str(fisher)
     elif kind == "output_inside_input":
         return cfg, "output directory lies inside input model", bad / "merged"
     elif kind == "empty_config":
@@ -136,7 +145,8 @@ def _break(kind: str, tiny: dict, tmp: Path):
 
 HOSTILE = ["truncated", "offsets_past_end", "huge_tensor", "huge_header", "unknown_dtype", "duplicate_names",
            "shape_mismatch", "missing_shard", "index_lists_absent_tensor", "shard_outside_dir", "nan",
-           "vocab_mismatch", "unreadable_file", "pickle_without_flag", "output_inside_input", "empty_config",
+           "vocab_mismatch", "unreadable_file", "pickle_without_flag", "fisher_for_another_model",
+           "output_inside_input", "empty_config",
            "unknown_method", "python_yaml_tag"]
 
 
