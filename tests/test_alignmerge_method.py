@@ -255,3 +255,22 @@ def test_run_merge_refuses_a_non_empty_output(family, tmp_path):
     with pytest.raises(AlignMergeError, match="not empty"):
         am.run_alignmerge(config, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").is_file()
+
+
+def test_cli_merge_computes_statistics_and_runs_the_loop(family, tmp_path):
+    """`alignmerge merge` with data instead of files: statistics cached beside the output, AQI loop, report."""
+    import yaml
+
+    from alignmerge.cli import main
+
+    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]), "alignment_data": str(family["data"]),
+              "models": [{"model": str(family["expert"]), "parameters": {"weight": 1.0, "data": str(family["data"])}}],
+              "parameters": {"rank": 2, "max_rounds": 2, "aqi_probes": str(family["probes"]),
+                             "aqi_tolerance": 100.0, "refusal_tolerance": None}}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
+    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25]
+    assert report["refusal_floor"] is None and report["rounds"][0]["refusal"] is None
+    assert any((tmp_path / "out").glob("*.safetensors")) and (tmp_path / "out.alignmerge-cache").is_dir()
