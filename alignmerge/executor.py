@@ -86,17 +86,17 @@ class Executor:
         """Read a unit's inputs into the slot's (pinned, on CUDA) buffers; on CUDA also start their
         host-to-device copies on the copy stream. Returns (tensors, base, copy-done event or None)."""
         task = unit.task
-        rows = None if unit.rows == (0, task.shape[0] if task.shape else 1) else unit.rows
+        total_rows = task.shape[0] if task.shape else 1
+        rows = None if unit.rows == (0, total_rows) else unit.rows
+
+        def read(ck, key: int) -> torch.Tensor:
+            nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
+            return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes))
+
         if task.copy_from_reference:
-            ref = self.plan.reference
-            return [ref.read(task.name, rows=rows, out=self.pool.get(slot, 0, ref.nbytes(task.name)))], None, None
-        tensors = []
-        for k, ck in enumerate(self.plan.models):
-            tensors.append(ck.read(task.name, rows=rows, out=self.pool.get(slot, k, ck.nbytes(task.name))))
-        base = None
-        if self.plan.base is not None:
-            ck = self.plan.base
-            base = ck.read(task.name, rows=rows, out=self.pool.get(slot, len(tensors), ck.nbytes(task.name)))
+            return [read(self.plan.reference, 0)], None, None
+        tensors = [read(ck, k) for k, ck in enumerate(self.plan.models)]
+        base = read(self.plan.base, len(tensors)) if self.plan.base is not None else None
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
         if self.copy_stream is None:
             return tensors, base, None
