@@ -97,6 +97,11 @@ class Executor:
             return [read(self.plan.reference, 0)], None, None
         tensors = [read(ck, k) for k, ck in enumerate(self.plan.models)]
         base = read(self.plan.base, len(tensors)) if self.plan.base is not None else None
+        if not self.allow_nonfinite:  # here, in the read-ahead thread, while the data is still in cache
+            for ck, x in zip(self.plan.inputs, tensors + ([base] if base is not None else [])):
+                if _nonfinite(x):
+                    raise NonFiniteError(f"{ck.path}: tensor {task.name!r} contains NaN or Inf "
+                                         "(pass --allow-nonfinite to merge it anyway)")
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
         if self.copy_stream is None:
             return tensors, base, None
@@ -138,12 +143,6 @@ class Executor:
             self.writer.write(task.name, tensors[0], unit.rows[0])
             self._done(unit, tensors[0].numel() * tensors[0].element_size())
             return
-        if not self.allow_nonfinite:
-            for label, x in [(ck.path, t) for ck, t in zip(self.plan.models, tensors)] + (
-                    [(self.plan.base.path, base)] if base is not None else []):
-                if _nonfinite(x):
-                    raise NonFiniteError(f"{label}: tensor {task.name!r} contains NaN or Inf "
-                                         "(pass --allow-nonfinite to merge it anyway)")
         inputs = self._inputs(task, unit.rows, tensors, base)
         if len(task.chunks) > 1 and task.index not in state:
             state[task.index] = self._chunk_statistic(task, inputs)
