@@ -252,3 +252,21 @@ def test_stats_reader_cuts_row_chunks(tmp_path):
     torch.testing.assert_close(chunk, full[2:4])
     assert reader.get(tmp_path / "s.safetensors", "g", torch.zeros(3, 4), rows=False).shape == (4, 4)
     assert reader.get(tmp_path / "s.safetensors", "absent", torch.zeros(1)) is None
+
+
+def test_ops_fisher_merge_formula_and_errors():
+    from alignmerge import ops
+
+    g = torch.Generator().manual_seed(7)
+    thetas = [torch.randn(13, 7, generator=g).to(torch.bfloat16) for _ in range(3)]
+    fishers = [torch.rand(13, 7, generator=g) * 1e-3 for _ in range(3)]
+    fishers[1][0, 0] = 0.0
+    w, c = [0.5, 1.0, 2.0], [1.0, 3.0, 0.5]
+    got = ops.fisher_merge(thetas, fishers, w, epsilon=1e-5, scales=c, out_dtype=torch.float32)
+    f = [wk * (ck * fk).clamp_min(1e-5) for wk, ck, fk in zip(w, c, fishers)]
+    want = sum(fk * t.float() for fk, t in zip(f, thetas)) / sum(f)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="as many fishers"):
+        ops.fisher_merge(thetas, fishers[:2], w)
+    with pytest.raises(ValueError, match="does not match"):
+        ops.fisher_merge(thetas, [fishers[0], fishers[1], fishers[2][:3]], w)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from alignmerge import ops
 from alignmerge.errors import ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, register
 
@@ -133,23 +134,14 @@ class FisherMerge(MergeMethod):
             if inputs.state is None:
                 totals.update(inputs)
             totals = totals.sums
-        num = torch.zeros(inputs.models[0].shape, dtype=torch.float32, device=inputs.models[0].device)
-        den = torch.zeros_like(num)
-        for k, theta in enumerate(inputs.models):
-            weight = float(inputs.params[k]["weight"])
-            fisher = self._fisher(inputs, k).to(num.device, torch.float32)
-            if fisher.shape != num.shape:
+        fishers, scales = [], []
+        for k in range(len(inputs.models)):
+            fisher = self._fisher(inputs, k)
+            if fisher.shape != inputs.models[k].shape:
                 raise ConfigError(f"fisher: statistic of model {k} for {inputs.name!r} has shape "
-                                  f"{tuple(fisher.shape)}, the tensor {tuple(num.shape)}")
-            if normalize:
-                total, count = totals[k]
-                mean = total / max(count, 1)
-                fisher = fisher / mean if mean > 0 else fisher
-            f = fisher.clamp_min(eps).mul_(weight)
-            num.addcmul_(f, theta.to(torch.float32))
-            den.add_(f)
-        merged = num.div_(den)
-        if out is not None:
-            out.copy_(merged)
-            return out
-        return merged.to(out_dtype)
+                                  f"{tuple(fisher.shape)}, the tensor {tuple(inputs.models[k].shape)}")
+            mean = totals[k][0] / max(totals[k][1], 1) if normalize else 0.0
+            fishers.append(fisher)
+            scales.append(1.0 / mean if mean > 0 else 1.0)
+        return ops.fisher_merge(inputs.models, fishers, [float(p["weight"]) for p in inputs.params], epsilon=eps,
+                                scales=scales, out_dtype=out_dtype, out=out)

@@ -1,5 +1,5 @@
 """Hot ops behind one dispatch function each (torch reference, C++ on CPU, Triton on CUDA)."""
-from alignmerge.ops.fisher import fisher_accumulate  # noqa: F401
+from alignmerge.ops.fisher import fisher_accumulate, fisher_merge  # noqa: F401
 from alignmerge.ops.projector import apply_operator, cg_step, project, project_factors  # noqa: F401
 from alignmerge.ops.merge import (  # noqa: F401
     DareL1Rescale, MagnitudeSelection, MagnitudeThresholds, dare, dare_keep_mask, magnitude_thresholds,

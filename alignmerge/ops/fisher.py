@@ -93,3 +93,33 @@ def _fisher_accumulate_cpp(out: torch.Tensor, g: torch.Tensor, a: torch.Tensor) 
     if target is not out:
         out.copy_(target)
     return out
+
+
+def fisher_merge(tensors, fishers, weights, *, epsilon: float = 1e-6, scales=None,
+                 out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fisher merge (Matena & Raffel): θ = Σ_k F̃_k θ_k / Σ_k F̃_k, F̃_k = w_k·max(c_k F_k, ε).
+
+    ``scales`` are the c_k (default 1; 1/mean(F_k) normalises each model's Fisher). Elementwise,
+    fp32 arithmetic, on the tensors' device; a plain torch implementation on every device (it is
+    memory-bound and runs once per tensor, so it has no dedicated kernel).
+    """
+    if not tensors or len(tensors) != len(fishers) or len(tensors) != len(weights):
+        raise ValueError(f"fisher_merge: need as many fishers and weights as tensors "
+                         f"({len(tensors)} tensors, {len(fishers)} fishers, {len(weights)} weights)")
+    if epsilon <= 0:
+        raise ValueError(f"fisher_merge: epsilon must be > 0, got {epsilon}")
+    scales = [1.0] * len(tensors) if scales is None else list(scales)
+    num = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    den = torch.zeros_like(num)
+    for k, (theta, fisher, weight, scale) in enumerate(zip(tensors, fishers, weights, scales)):
+        if theta.shape != num.shape or fisher.shape != num.shape:
+            raise ValueError(f"fisher_merge: tensor {k} {tuple(theta.shape)} or its Fisher {tuple(fisher.shape)} "
+                             f"does not match shape {tuple(num.shape)}")
+        f = fisher.to(num.device, torch.float32)
+        f = (f * scale if scale != 1.0 else f).clamp_min(epsilon).mul_(float(weight))
+        num.addcmul_(f, theta.to(torch.float32))
+        den.add_(f)
+    merged = num.div_(den)
+    if out is not None:
+        return out.copy_(merged)
+    return merged.to(out_dtype or tensors[0].dtype)
