@@ -62,6 +62,9 @@ METHOD_CONFIGS = {
     "fisher": lambda zoo, e: {
         "merge_method": "mergealign", "alignment_data": ALIGNMENT_DATA, "parameters": {"alignment_fraction": 0.0},
         "models": _pair(zoo, e, {"weight": 0.5, "data": ALIGNMENT_DATA}, {"weight": 0.5, "data": SKILL_DATA})},
+    "regmean": lambda zoo, e: {
+        "merge_method": "regmean",
+        "models": _pair(zoo, e, {"weight": 0.5, "data": ALIGNMENT_DATA}, {"weight": 0.5, "data": SKILL_DATA})},
     "mergealign": lambda zoo, e: {
         "merge_method": "mergealign", "alignment_data": ALIGNMENT_DATA, "parameters": {"alignment_fraction": 0.5},
         "models": _pair(zoo, e, {"weight": 0.5, "data": ALIGNMENT_DATA}, {"weight": 0.5, "data": SKILL_DATA})},
