@@ -53,3 +53,26 @@ def test_torchrun_fisher_equals_single_process(kind, tmp_path):
     for name in a:
         scale = float(a[name].abs().max())
         assert float((a[name] - b[name]).abs().max()) <= 1e-6 * max(scale, 1e-30), name
+
+
+def test_torchrun_subspace_equals_single_process(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import make_tiny_llama
+    from test_fisher import RECORDS, add_char_tokenizer, write_jsonl
+
+    model = add_char_tokenizer(make_tiny_llama(tmp_path / "m", seed=6, dtype=torch.float32,
+                                               hidden=32, intermediate=48, layers=2))
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS * 2)
+    args = ["subspace", str(model), "--data", str(data), "--rank", "3", "--batch-size", "3"]
+    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
+    assert subprocess.run([sys.executable, "-m", "alignmerge", *args, "--out", str(single)]).returncode == 0
+    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "alignmerge", *args,
+                           "--out", str(multi)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(single)), load_file(str(multi))
+    assert set(a) == set(b) and a
+    for name in a:  # bases are defined up to sign/rotation: compare the projectors they span
+        pa, pb = a[name] @ a[name].T, b[name] @ b[name].T
+        assert torch.allclose(pa, pb, atol=1e-4), name

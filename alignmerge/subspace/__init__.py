@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from alignmerge.distributed import all_reduce_sum, barrier, distributed_context, rank_slice
 from alignmerge.errors import CheckpointError, ConfigError
 
 METHODS = ("gradient", "delta")
@@ -118,14 +119,22 @@ def gradient_covariance(anchor_dir, data, *, samples: int | None = 64, max_lengt
         est = estimate_bytes(_skeleton(config, torch.float32), config, batch_size=batch_size,
                              seq_len=max(len(q.ids) for q in seqs), dtype=torch.float32)
         stream = budget is not None and est["in_memory"] > budget
+    rank, world = distributed_context(device)
+    if world > 1 and (stream or len(seqs) < world):
+        raise ConfigError(f"the subspace pass under torchrun needs in-memory mode and at least {world} sequences "
+                          f"(got {len(seqs)}{', streamed' if stream else ''})")
     if stream:
         _streamed_covariance(Path(anchor_dir), seqs, cov, batch_size=batch_size, device=dev)
     else:
+        # under torchrun each rank takes a contiguous block of the sequences; the sums are all-reduced
+        lo, hi = rank_slice(len(seqs), rank, world)
         model = load_model(Path(anchor_dir), dtype=torch.float32, device=dev)
         with LinearCapture(model, cov.on_linear) as cap:
-            for _ in sequence_backward(model, seqs, batch_size=batch_size, device=device,
-                                       before_batch=cap.new_batch):
+            for _ in sequence_backward(model, seqs[lo:hi], batch_size=batch_size, device=device,
+                                       before_batch=cap.new_batch, first_index=lo):
                 pass
+        if world > 1:
+            all_reduce_sum([*cov.s_out.values(), *cov.s_in.values()])
     if not cov.s_out and not cov.s_in:
         raise CheckpointError(f"{anchor_dir}: no nn.Linear weight of the model was found in its checkpoint")
     return cov, len(seqs)
@@ -285,8 +294,9 @@ def compute_subspace(anchor_dir, data=None, rank: int = 16, out=None, *, method:
         meta = {"method": method, "rank": rank, "anchor": str(anchor_dir), "base": str(base_dir)}
     else:
         raise ConfigError(f"subspace method must be one of {', '.join(METHODS)}, not {method!r}")
-    if out is not None:
+    if out is not None and distributed_context(device)[0] == 0:
         save_subspace(bases, out, meta)
+    barrier(distributed_context(device)[1])
     return bases
 
 
