@@ -21,27 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyz .,?!'0123456789"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make_checkpoint(path: Path, layers: int, width: int, vocab: int) -> None:

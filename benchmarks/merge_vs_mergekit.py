@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_llama import copy_rate_gbs, run_measured, write_llama_family  # noqa: E402
+from measure import copy_rate_gbs, run_measured  # noqa: E402
+from synthetic_llama import write_llama_family  # noqa: E402
 
 
 def config_for(method: str, base: Path, experts: list[Path]) -> dict:

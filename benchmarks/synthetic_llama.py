@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -88,61 +85,3 @@ def write_llama_family(root: Path, *, n_experts: int, hidden: int, intermediate:
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (d / "config.json").write_text(json.dumps(config, indent=1))
     return dirs[0], dirs[1:]
-
-
-def _vm_hwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
-    """Run a command; return (wall seconds, peak RSS in GB of the child, exit code).
-
-    Peak RSS is the child's VmHWM, polled every 20 ms until it exits (ru_maxrss would report the
-    resident pages of this large benchmark process, which the child shares until it execs).
-    """
-    with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
-        peak = 0
-        while proc.poll() is None:
-            # until it execs, the child reports the parent's mappings: count the exec'd program only
-            hwm = _vm_hwm_kb(proc.pid) if _execd(proc.pid) else None
-            if hwm is not None:
-                peak = max(peak, hwm)
-            time.sleep(0.02)
-        wall = time.perf_counter() - start
-        code = proc.returncode
-        if code != 0:
-            err.seek(0)
-            tail = err.read().decode(errors="replace")[-3000:]
-            print(f"command failed ({code}): {' '.join(cmd)}\n{tail}", file=sys.stderr)
-    return wall, peak / 1e6, code
-
-
-def _execd(pid: int) -> bool:
-    """True once the child's command line differs from this process's (it has exec'd)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f, open("/proc/self/cmdline", "rb") as own:
-            return f.read() != own.read()
-    except OSError:
-        return False
-
-
-def copy_rate_gbs(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Memory-copy rate (read + write bytes per second, GB/s) on reused buffers."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
