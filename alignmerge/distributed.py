@@ -5,6 +5,7 @@ all-reduce their sums. Outside torchrun (WORLD_SIZE unset or 1) everything is a 
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -23,7 +24,16 @@ def distributed_context(device="cpu") -> tuple[int, int]:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return 0, 1
         dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
+        # tear the group down before interpreter exit (a gloo group left alive can abort the process)
+        atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: int) -> None:
