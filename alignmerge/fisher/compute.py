@@ -473,6 +473,25 @@ def _decoder_parts(skel: nn.Module, model_dir: Path):
     return inner
 
 
+def streamed_forward(inner, loader: "_LayerLoader", store: BoundaryStore, batches, run_layer, device,
+                     on_batch=None) -> None:
+    """Forward of a Llama-style decoder one layer at a time: embeddings, then each layer over every batch,
+    keeping each batch's boundary activations ``h{b}_{layer}`` in ``store``; layers are loaded and freed."""
+    embed = loader.load(inner.embed_tokens, "model.embed_tokens.")
+    with torch.no_grad():
+        for b, (_, ids, _, _) in enumerate(batches):
+            store.put(f"h{b}_0", embed(ids.to(device)))
+    _LayerLoader.free(embed)
+    for li, layer in enumerate(inner.layers):
+        loader.load(layer, f"model.layers.{li}.")
+        with torch.no_grad():
+            for b in range(len(batches)):
+                store.put(f"h{b}_{li + 1}", run_layer(layer, store.get(f"h{b}_{li}", device)))
+                if on_batch is not None:
+                    on_batch(b)
+        _LayerLoader.free(layer)
+
+
 def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32SafetensorsWriter, *, kind, batch_size,
                      device, seed, dtype, backend, progress):
     inner = _decoder_parts(skel, model_dir)
@@ -496,19 +515,8 @@ def _fisher_streamed(model_dir: Path, config, skel, seqs, writer: Fp32Safetensor
         return out[0] if isinstance(out, tuple) else out
 
     try:
-        # forward: embeddings, then each layer once over all batches
-        embed = loader.load(inner.embed_tokens, "model.embed_tokens.")
-        with torch.no_grad():
-            for b, (_, ids, _, _) in enumerate(batches):
-                store.put(f"h{b}_0", embed(ids.to(device)))
-        _LayerLoader.free(embed)
-        for li, layer in enumerate(inner.layers):
-            loader.load(layer, f"model.layers.{li}.")
-            with torch.no_grad():
-                for b in range(len(batches)):
-                    store.put(f"h{b}_{li + 1}", run_layer(layer, store.get(f"h{b}_{li}", device)))
-                    bar.update(len(batches[b][0]))
-            _LayerLoader.free(layer)
+        streamed_forward(inner, loader, store, batches, run_layer, device,
+                         on_batch=lambda b: bar.update(len(batches[b][0])))
 
         def backward_stage(module: nn.Module, prefix: str, step):
             """Load ``module``, run ``step(b, capture)`` per batch, write its Fisher, free it."""

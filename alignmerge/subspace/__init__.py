@@ -149,7 +149,7 @@ def _streamed_covariance(model_dir: Path, seqs, cov: GradientCovariance, *, batc
 
     from alignmerge.fisher.capture import LinearCapture
     from alignmerge.fisher.compute import (BoundaryStore, _decoder_parts, _LayerLoader, _load_config, _skeleton,
-                                           batch_targets, make_batches, sequence_nll)
+                                           batch_targets, make_batches, sequence_nll, streamed_forward)
 
     config = _load_config(model_dir)
     skel = _skeleton(config, torch.float32)
@@ -169,17 +169,7 @@ def _streamed_covariance(model_dir: Path, seqs, cov: GradientCovariance, *, batc
         return out[0] if isinstance(out, tuple) else out
 
     try:
-        embed = loader.load(inner.embed_tokens, "model.embed_tokens.")
-        with torch.no_grad():
-            for b, (_, ids, _, _) in enumerate(batches):
-                store.put(f"h{b}_0", embed(ids.to(device)))
-        _LayerLoader.free(embed)
-        for li, layer in enumerate(inner.layers):
-            loader.load(layer, f"model.layers.{li}.")
-            with torch.no_grad():
-                for b in range(len(batches)):
-                    store.put(f"h{b}_{li + 1}", run_layer(layer, store.get(f"h{b}_{li}", device)))
-            _LayerLoader.free(layer)
+        streamed_forward(inner, loader, store, batches, run_layer, device)
 
         head = nn.Module()  # parameters named as in the full model
         head.model = nn.Module()
