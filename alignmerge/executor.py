@@ -72,7 +72,7 @@ class Executor:
         self.on_tensor_done = on_tensor_done or (lambda name: None)
         self.pool = BufferPool(pin=self.device.type == "cuda")
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._out_buffers: dict[int, torch.Tensor] = {}
+        self._out_buffer_bytes: torch.Tensor | None = None  # reused output buffer (uint8)
         self.bytes_read = 0
         self.bytes_written = 0
 
@@ -185,10 +185,10 @@ class Executor:
     def _out_buffer(self, task: TensorTask, unit: WorkUnit) -> torch.Tensor:
         shape = (unit.rows[1] - unit.rows[0], *task.shape[1:]) if task.shape else ()
         nbytes = math.prod(shape) * task.out_dtype.itemsize
-        buf = self._out_buffers.get(0)
+        buf = self._out_buffer_bytes
         if buf is None or buf.numel() < nbytes or buf.device != self.device:
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
-            self._out_buffers[0] = buf
+            self._out_buffer_bytes = buf
         return buf[:nbytes].view(task.out_dtype).view(shape)
 
     def _done(self, unit: WorkUnit, nbytes: int) -> None:
