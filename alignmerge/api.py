@@ -105,7 +105,8 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
         budget = parse_size(max_memory)
     except ValueError as exc:
         raise AlignMergeError(str(exc)) from None
-    plan = build_plan(config, allow_pickle=allow_pickle, max_chunk_bytes=max(budget // 3, 1 << 20))
+    plan = build_plan(config, allow_pickle=allow_pickle, max_chunk_bytes=max(budget // 3, 1 << 12),
+                      memory_budget=budget)
     staged = StagedOutput(out_dir, inputs=[ck.path for ck in plan.inputs], overwrite=overwrite, resume=resume)
     outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
     metadata = {"merged_by": "alignmerge", "merge_method": config.merge_method}

@@ -76,8 +76,12 @@ def layer_position(name: str, num_layers: int) -> float:
 
 
 def build_plan(config: MergeConfig, *, allow_pickle: bool = False, max_chunk_bytes: int = 512 * 2**20,
-               method: MergeMethod | None = None) -> MergePlan:
-    """Open every input, run the preflight checks and return the per-tensor tasks."""
+               memory_budget: int | None = None, method: MergeMethod | None = None) -> MergePlan:
+    """Open every input, run the preflight checks and return the per-tensor tasks.
+
+    Chunkable tensors are split so that one chunk's inputs, output and the method's working memory stay
+    under ``max_chunk_bytes``; a tensor the method cannot chunk whose merge needs more than
+    ``memory_budget`` is refused here, before any compute, naming the tensor."""
     method = method or get_method(config.merge_method)()
     problems: list[str] = []
 
@@ -136,9 +140,19 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False, max_chunk_byt
         method_params = resolve_parameters(method.method_parameters, [config.parameters], name, t, "parameters")
         out_dtype = config.out_dtype or config.dtype or dtype
         task = TensorTask(index, name, shape, out_dtype, params, method_params)
-        task.chunks = row_chunks(shape, [ck.nbytes(name) for ck in [reference] + [c for _l, c in others]]
-                                 + [task.nbytes], max_chunk_bytes if method.elementwise else None)
+        inputs = [reference] + [c for _l, c in others]
+        footprint = [ck.nbytes(name) for ck in inputs] + [task.nbytes, method.working_bytes(math.prod(shape), len(inputs))]
+        if method.chunkable(name, shape, method_params):
+            task.chunks = row_chunks(shape, footprint, max_chunk_bytes)
+        else:
+            task.chunks = row_chunks(shape, footprint, None)
+            if memory_budget is not None and sum(footprint) > memory_budget:
+                problems.append(f"tensor {name!r} {list(shape)}: {method.name} merges it whole and needs about "
+                                f"{sum(footprint) / 1e9:.2f} GB, over the memory budget of {memory_budget / 1e9:.2f} GB "
+                                "(raise --max-memory)")
         tasks.append(task)
+    if problems:
+        raise AlignMergeError("; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""))
     return MergePlan(config, method, models, base, reference, tasks)
 
 

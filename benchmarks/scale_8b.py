@@ -5,8 +5,8 @@ vocabulary 128256; random bf16; --layers to shorten), then for each layer count 
 `alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time,
 bytes read and written, effective GB/s against the memory-copy rate measured in the same run, and
 peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and
-merge_method alignmerge with synthetic Fisher and subspace files (at --alignmerge-layers; tool
-"alignmerge-am" in the table; its bytes read exclude the Fisher files).
+merge_method alignmerge with synthetic Fisher and subspace files (at --alignmerge-layers, under
+--alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes read exclude the Fisher files).
 Disk: 3 x 16 GB for 32 layers.
 
     python benchmarks/scale_8b.py --layers 4 8 32
@@ -91,13 +91,17 @@ def main() -> None:
                          "it needs ~100 s per 8B-shaped layer on 2 cores)")
     ap.add_argument("--alignmerge-layers", type=int, nargs="*", default=[],
                     help="layer counts at which alignmerge (synthetic Fisher and subspace files) also runs "
-                         "(default: none; alignmerge does not chunk tensors yet, and the 128k-row embedding's "
-                         "fp32 solve needed more than 19 GB here)")
+                         "(default: none; its fp32 Fisher files take 8 bytes per parameter of disk)")
+    ap.add_argument("--alignmerge-max-memory", default="6GB",
+                    help="--max-memory of the alignmerge runs: each projected weight solves whole in fp32 "
+                         "(about 72 bytes per element for two experts: 4.2 GB for a 14336x4096 MLP weight); "
+                         "the embedding and lm_head merge in row chunks")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
 
     rate = copy_rate_gbs()
-    print(f"memory copy rate (read+write): {rate:.1f} GB/s; host budget --max-memory {args.max_memory}")
+    print(f"memory copy rate (read+write): {rate:.1f} GB/s; host budget --max-memory {args.max_memory} "
+          f"(alignmerge: {args.alignmerge_max_memory})")
     print(f"{'layers':>6} {'tool':<11} {'wall s':>8} {'read GB':>8} {'written GB':>10} {'GB/s':>6} "
           f"{'of copy':>7} {'peak RSS GB':>11}")
     rows = []
@@ -120,7 +124,7 @@ def main() -> None:
             am_cfg.write_text(yaml.safe_dump(write_synthetic_stats(root, base, experts)))
             runs["alignmerge-am"] = [sys.executable, "-m", "alignmerge", "merge", str(am_cfg),
                                      str(root / "out-alignmerge-am"), "--threads", str(args.threads), "--max-memory",
-                                     args.max_memory, "--device", args.device, "--no-progress", "--overwrite"]
+                                     args.alignmerge_max_memory, "--device", args.device, "--no-progress", "--overwrite"]
         for tool, cmd in runs.items():
             wall, rss, code = run_measured(cmd)
             written = dir_bytes(root / f"out-{tool}") if code == 0 else 0

@@ -280,3 +280,67 @@ def test_cli_merge_computes_statistics_and_runs_the_loop(family, tmp_path):
     assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25]
     assert report["refusal_floor"] is None and report["rounds"][0]["refusal"] is None
     assert any((tmp_path / "out").glob("*.safetensors")) and (tmp_path / "out.alignmerge-cache").is_dir()
+
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory):
+    """An anchor and two experts whose embedding and lm_head dwarf the layer weights (like a 128k
+    vocabulary), with random Fisher, alignment-Fisher and subspace files for merge_method alignmerge."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("wide_vocab")
+    kw = dict(dtype=torch.float32, hidden=16, intermediate=24, layers=1, vocab=509, heads=2, kv_heads=1)
+    anchor = make_tiny_llama(root / "anchor", seed=21, **kw)
+    state = load_file(str(anchor / "model.safetensors"))
+    experts = [make_tiny_llama(root / f"expert{k}", seed=22 + k, base_state=state, noise=0.05, **kw) for k in range(2)]
+    g = torch.Generator().manual_seed(3)
+    fishers = []
+    for k in range(2):
+        fishers.append(root / f"fisher{k}.safetensors")
+        save_file({n: torch.rand(t.shape, generator=g) + 0.01 for n, t in state.items()}, str(fishers[-1]))
+    falign = root / "falign.safetensors"
+    save_file({n: torch.rand(t.shape, generator=g) for n, t in state.items()}, str(falign))
+    projected = [n for n, t in state.items() if t.dim() == 2 and ".layers." in n]
+    sub = root / "sub.safetensors"
+    save_file({**{f"{n}.U": orthonormal(state[n].shape[0], 2, 5) for n in projected},
+               **{f"{n}.V": orthonormal(state[n].shape[1], 2, 6) for n in projected}}, str(sub))
+    config = {"merge_method": "alignmerge", "anchor": str(anchor),
+              "models": [{"model": str(e), "parameters": {"weight": w, "fisher": str(f)}}
+                         for e, f, w in zip(experts, fishers, (1.0, 0.5))],
+              "parameters": {"subspace": str(sub), "align_fisher": str(falign), "lambda_align": 2.0,
+                             "anchor_weight": 0.3, "use_aqi_loop": False},
+              "dtype": "float32"}
+    return {"config": config, "projected": projected}
+
+
+def test_chunked_alignmerge_equals_the_whole_solve(wide_vocab, tmp_path):
+    """Under a small --max-memory the embedding and lm_head solve in row chunks (their Fishers normalised
+    by whole-tensor means); projected weights solve whole; the merge equals the unchunked one."""
+    from alignmerge import merge
+    from alignmerge.config import load_config
+    from alignmerge.plan import build_plan
+
+    plan = build_plan(load_config(wide_vocab["config"]), max_chunk_bytes=100_000, memory_budget=300_000)
+    chunks = {t.name: len(t.chunks) for t in plan.tasks}
+    assert chunks["model.embed_tokens.weight"] > 3 and chunks["lm_head.weight"] > 3
+    assert all(chunks[n] == 1 for n in wide_vocab["projected"])
+    whole = merge(wide_vocab["config"], tmp_path / "whole", progress=False)
+    chunked = merge(wide_vocab["config"], tmp_path / "chunked", progress=False, max_memory=300_000)
+    from safetensors.torch import load_file
+
+    a = load_file(str(whole.out_dir / "model.safetensors"))
+    b = load_file(str(chunked.out_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
+    anchor = load_file(str(__import__("pathlib").Path(wide_vocab["config"]["anchor"]) / "model.safetensors"))
+    assert not torch.equal(a["model.embed_tokens.weight"], anchor["model.embed_tokens.weight"])
+
+
+def test_unchunkable_tensor_over_the_memory_budget_is_refused_before_compute(wide_vocab, tmp_path):
+    from alignmerge import merge
+    from alignmerge.errors import AlignMergeError
+
+    with pytest.raises(AlignMergeError, match=r"tensor 'model\.layers\.0\..*merges it whole.*raise --max-memory"):
+        merge(wide_vocab["config"], tmp_path / "out", progress=False, max_memory=20_000)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

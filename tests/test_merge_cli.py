@@ -135,11 +135,16 @@ def test_sharded_output_and_index(tiny_llamas, tmp_path):
 
 def test_chunked_merge_equals_whole(tiny_llamas, tmp_path):
     """A memory budget smaller than the embedding forces row chunks; the result must not change."""
+    from alignmerge.config import load_config
+    from alignmerge.plan import build_plan
+
     for method in ("ties", "task_arithmetic"):
         cfg = write_config(tmp_path / f"{method}.yaml", configs(tiny_llamas)[method])
+        plan = build_plan(load_config(cfg), max_chunk_bytes=30_000 // 3)  # what --max-memory 30KB plans
+        assert max(len(t.chunks) for t in plan.tasks) >= 3
         whole, chunked = tmp_path / f"{method}-whole", tmp_path / f"{method}-chunked"
         assert cli_main(["merge", str(cfg), str(whole), "--no-progress"]) == 0
-        assert cli_main(["merge", str(cfg), str(chunked), "--no-progress", "--max-memory", "3MiB"]) == 0
+        assert cli_main(["merge", str(cfg), str(chunked), "--no-progress", "--max-memory", "30KB"]) == 0
         a, b = load_dir(whole), load_dir(chunked)
         assert all(torch.equal(a[k], b[k]) for k in a), method
 

@@ -31,7 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for randomised methods such as DARE (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the C++ kernels")
     p.add_argument("--max-memory", default="1GB", metavar="SIZE",
-                   help="host memory budget for tensor buffers; larger tensors are merged in chunks (default: 1GB)")
+                   help="memory budget for tensor buffers and the method's working memory; larger tensors are "
+                        "merged in row chunks, and a tensor the method must merge whole but cannot fit is refused "
+                        "before any compute (default: 1GB)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs containing NaN/Inf instead of failing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin weights (loaded with torch.load(weights_only=True))")

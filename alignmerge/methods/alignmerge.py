@@ -58,48 +58,9 @@ import torch
 
 from alignmerge.errors import AlignMergeError, ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, register
+from alignmerge.methods.fisher import FisherTotals, expert_fisher
 
 REPORT_NAME = "alignmerge_report.json"
-
-
-# ---- stats read straight from files (when the executor does not provide them) ---------------------
-class _TensorFiles:
-    """Cached lazy readers of safetensors stats files: ``get(path, name)`` -> fp32 tensor or None."""
-
-    def __init__(self):
-        self._handles: dict[str, object] = {}
-
-    def handle(self, path):
-        from safetensors import safe_open
-
-        key = str(path)
-        if key not in self._handles:
-            if not Path(key).is_file():
-                raise ConfigError(f"{key}: statistics file not found")
-            self._handles[key] = safe_open(key, framework="pt")
-        return self._handles[key]
-
-    def get(self, path, name: str) -> torch.Tensor | None:
-        h = self.handle(path)
-        return h.get_tensor(name).float() if name in h.keys() else None
-
-
-def expert_fishers(inputs: TensorInputs, files: _TensorFiles, method: str) -> list[torch.Tensor]:
-    """Per-expert Fisher of this tensor: from ``inputs.stats['fisher']`` or the per-model ``fisher`` file."""
-    given = inputs.stats.get("fisher") or []
-    out = []
-    for k in range(len(inputs.models)):
-        f = given[k] if k < len(given) else None
-        if f is None:
-            path = inputs.params[k].get("fisher")
-            if path is None:
-                raise ConfigError(f"{method}: no Fisher for model {k} and tensor {inputs.name!r} (give fisher: "
-                                  "<file> or data: <source> per model, and merge through run_merge)")
-            f = files.get(path, inputs.name)
-            if f is None:
-                raise ConfigError(f"{path}: no Fisher tensor {inputs.name!r}")
-        out.append(f.to(inputs.models[k].device))
-    return out
 
 
 @register
@@ -107,7 +68,7 @@ class AlignMerge(MergeMethod):
     __doc__ = __doc__
     name = "alignmerge"
     needs_base = True
-    elementwise = False  # the projector and the budget couple every element of a weight
+    elementwise = False  # the projector and the budget couple every element of a weight (see ``chunkable``)
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
     method_parameters = {
         "lambda_align": 0.25, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
@@ -123,7 +84,9 @@ class AlignMerge(MergeMethod):
     stats = ("fisher",)
 
     def __init__(self):
-        self._files = _TensorFiles()
+        from alignmerge.fisher.stats import StatsReader
+
+        self._files = StatsReader()
         self._subspaces: dict[str, object] = {}
 
     @classmethod
@@ -141,14 +104,49 @@ class AlignMerge(MergeMethod):
             self._subspaces[key] = SubspaceFile(key)
         return self._subspaces[key]
 
+    def _projected(self, name: str, shape, p: dict) -> bool:
+        """True if the weight has a basis in the subspace file and the P term is on."""
+        return (len(shape) == 2 and bool(p["use_projector"]) and p["subspace"] is not None
+                and name in self._subspace(p["subspace"]).names())
+
+    def chunkable(self, name, shape, method_params) -> bool:
+        """Weights without a projector solve elementwise given their Fishers' whole-tensor means (so
+        embeddings and lm_head of large vocabularies merge in row chunks); projected weights solve whole."""
+        return not self._projected(name, shape, method_params)
+
+    def working_bytes(self, numel: int, n_models: int) -> int:
+        """fp32 temporaries of one solve: each expert's Fisher and task vector, F_align, δ̄, D, the
+        right-hand side and the CG vectors (measured peak on 2-D weights: about 4·(2K + 14) bytes/element)."""
+        experts = max(n_models - 1, 1)
+        return 4 * (2 * experts + 14) * numel
+
+    def _align_fisher(self, inputs: TensorInputs) -> torch.Tensor | None:
+        p = inputs.method_params
+        if p["align_fisher"] is None or not (p["use_align_fisher"] or float(p["anchor_weight"]) > 0):
+            return None
+        f = self._files.get(p["align_fisher"], inputs.name, inputs.base, inputs.element_offset, rows=True)
+        return f.to(inputs.base.device) if f is not None else None
+
+    def chunk_statistic(self, inputs: TensorInputs, numel: int) -> FisherTotals:
+        """Whole-tensor sums of each expert's Fisher and of F_align (index K), for a chunked solve."""
+        k_experts = len(inputs.models)
+
+        def stat_of(chunk: TensorInputs, k: int) -> torch.Tensor:
+            if k < k_experts:
+                return expert_fisher(chunk, k, self._files, self.name)
+            f = self._align_fisher(chunk)
+            return f if f is not None else torch.zeros(0)
+
+        return FisherTotals(stat_of, k_experts + 1)
+
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
-        from alignmerge.solver import solve_weight
+        from alignmerge.solver import WholeTensorMeans, solve_weight
 
         p = inputs.method_params
         anchor = inputs.base
         if anchor is None:
             raise ConfigError("alignmerge: needs an anchor (anchor: or base_model:)")
-        fishers = expert_fishers(inputs, self._files, self.name)
+        fishers = [expert_fisher(inputs, k, self._files, self.name) for k in range(len(inputs.models))]
         weights = [float(inputs.params[k]["weight"]) for k in range(len(inputs.models))]
         two_d = anchor.dim() == 2
         u = v = None
@@ -156,10 +154,14 @@ class AlignMerge(MergeMethod):
             u, v = self._subspace(p["subspace"]).get(inputs.name)
             u = u.to(anchor.device) if u is not None else None
             v = v.to(anchor.device) if v is not None else None
-        f_align = None
-        if p["align_fisher"] is not None and (p["use_align_fisher"] or float(p["anchor_weight"]) > 0):
-            f_align = self._files.get(p["align_fisher"], inputs.name)
-            f_align = f_align.to(anchor.device) if f_align is not None else None
+        f_align = self._align_fisher(inputs)
+        means, solve_options = None, {}
+        if inputs.state is not None:  # a row chunk: normalise by the whole tensor's means
+            sums = [s / c if c else 0.0 for s, c in inputs.state.sums]
+            means = WholeTensorMeans(experts=sums[:-1], align=sums[-1], anchor=sums[-1])
+            # the whole tensor's size picks the compute dtype, so every chunk solves in the same one
+            whole = inputs.state.sums[0][1]
+            solve_options["fp64_max_numel"] = anchor.numel() if whole <= (1 << 18) else 0
         use_falign = bool(p["use_align_fisher"]) and f_align is not None and (two_d or bool(p["falign_1d"]))
         anchor_weight = float(p["anchor_weight"]) if f_align is not None else 0.0
         result = solve_weight(
@@ -168,10 +170,10 @@ class AlignMerge(MergeMethod):
             rho=float(p["budget"]), use_projector=bool(p["use_projector"]), use_falign=use_falign,
             use_budget=bool(p["use_budget"]), anchor_fisher=f_align if anchor_weight > 0 else None,
             anchor_weight=anchor_weight, fisher_floor=float(p["fisher_floor"]), tol=float(p["cg_tol"]),
-            max_iter=int(p["cg_max_iter"]), backend=backend, name=inputs.name)
+            max_iter=int(p["cg_max_iter"]), backend=backend, means=means, name=inputs.name, **solve_options)
         if p["diagnostics"] is not None:
             record = {"name": inputs.name, "shape": list(anchor.shape), "projector": u is not None or v is not None,
-                      **result.stats.as_dict()}
+                      "element_offset": inputs.element_offset, **result.stats.as_dict()}
             with open(p["diagnostics"], "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, default=float) + "\n")
         merged = anchor.to(torch.float32) + result.delta
@@ -374,7 +376,7 @@ def probe_scores(model_dir, pairs, labels, refusal: bool = True) -> dict:
 def _summarise(records: list[dict]) -> dict:
     with_p = [r for r in records if r.get("projector")]
     return {
-        "tensors": len(records),
+        "tensors": len({r["name"] for r in records}),
         "weights_with_projector": len(with_p),
         "mean_drift": sum(r["drift"] for r in with_p) / len(with_p) if with_p else None,
         "max_drift": max((r["drift"] for r in with_p), default=None),

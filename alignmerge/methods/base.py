@@ -54,6 +54,16 @@ class MergeMethod(ABC):
     """Kinds of per-model statistics the method reads (e.g. ("fisher",))."""
     elementwise: ClassVar[bool] = True
     """True if the merge of a row block depends only on that block (so tensors may be chunked)."""
+
+    def chunkable(self, name: str, shape: tuple[int, ...], method_params: dict[str, Any]) -> bool:
+        """True if tensor ``name`` may be merged in row chunks (with ``chunk_statistic`` for whole-tensor terms)."""
+        return self.elementwise
+
+    def working_bytes(self, numel: int, n_models: int) -> int:
+        """Memory a merge call on ``numel`` elements of ``n_models`` models needs beyond its inputs and output
+        (fp32 temporaries); the plan sizes row chunks, and refuses unchunkable tensors, by it."""
+        return 0
+
     def chunk_statistic(self, inputs: TensorInputs, numel: int) -> Any:
         """For a tensor merged in row chunks: a whole-tensor statistic to gather first, or None.
 

@@ -32,6 +32,15 @@ def model_stat(inputs: TensorInputs, kind: str, k: int, reader=None, *, rows: bo
     return reader.get(path, inputs.name, inputs.models[k], inputs.element_offset, rows=rows)
 
 
+def expert_fisher(inputs: TensorInputs, k: int, reader, method: str) -> torch.Tensor:
+    """Model k's Fisher for this tensor (cut to the chunk being merged); a clear error when there is none."""
+    f = model_stat(inputs, "fisher", k, reader, rows=True)
+    if f is None:
+        raise ConfigError(f"{method}: no Fisher for model {k} and tensor {inputs.name!r} (give fisher: <file> per "
+                          "model, or data: <source> and merge through the method's run_merge)")
+    return f.to(inputs.models[k].device)
+
+
 def run_with_stats(method_cls, config, out_dir, **options) -> dict:
     """``prepare_stats`` (files given, or computed from ``data:`` into ``<out>.alignmerge-cache``),
     then ``alignmerge.api.merge`` with every model's statistics file filled in."""
@@ -91,14 +100,7 @@ class FisherMerge(MergeMethod):
         self._files = StatsReader()
 
     def _fisher(self, inputs: TensorInputs, k: int) -> torch.Tensor:
-        from alignmerge.fisher.stats import StatsReader
-
-        reader = getattr(self, "_files", None)  # subclasses may keep their own reader type
-        f = model_stat(inputs, "fisher", k, reader if isinstance(reader, StatsReader) else None, rows=True)
-        if f is None:
-            raise ConfigError(f"fisher: no Fisher for model {k} and tensor {inputs.name!r} (give fisher: <file> "
-                              "per model, or data: <source> and merge with FisherMerge.run_merge)")
-        return f
+        return expert_fisher(inputs, k, self._files, self.name)
 
     @classmethod
     def run_merge(cls, config, out_dir, **options) -> dict:

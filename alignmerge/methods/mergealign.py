@@ -52,18 +52,6 @@ class MergeAlign(FisherMerge):
     name = "mergealign"
     method_parameters = {**FisherMerge.method_parameters, "alignment_data": None, "alignment_fraction": 0.5}
 
-    def __init__(self):
-        from alignmerge.methods.alignmerge import _TensorFiles
-
-        self._files = _TensorFiles()
-
-    def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
-        from alignmerge.methods.alignmerge import expert_fishers
-
-        if not inputs.stats.get("fisher"):
-            inputs.stats = {**inputs.stats, "fisher": expert_fishers(inputs, self._files, self.name)}
-        return super().merge(inputs, out_dtype=out_dtype, out=out, backend=backend)
-
     @classmethod
     def prepared(cls, config) -> bool:
         return all("fisher" in s.parameters or "fisher" in config.parameters for s in config.models)

@@ -23,10 +23,10 @@ import torch
 from alignmerge.errors import ConfigError, NonFiniteError
 from alignmerge.ops import projector as ops
 from alignmerge.solver.cg import CGResult, _norm, solve_pcg
-from alignmerge.solver.objective import Problem, fisher_merge_problem
+from alignmerge.solver.objective import Problem, WholeTensorMeans, fisher_merge_problem
 
 __all__ = ["SolveResult", "SolveStats", "solve_weight", "solve_pcg", "one_sided_solve", "CGResult", "Problem",
-           "fisher_merge_problem"]
+           "WholeTensorMeans", "fisher_merge_problem"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
                  anchor_weight: float = 0.0, normalize_fishers: bool = True, fisher_floor: float = 0.1,
                  tol: float = 1e-6, max_iter: int = 500, max_rounds: int = 30, fp64_max_numel: int = 1 << 18,
                  jacobi_projector: bool = True, one_sided_closed_form: bool = True, warm_start: torch.Tensor | None = None, backend: str | None = None,
-                 name: str = "tensor") -> SolveResult:
+                 means: WholeTensorMeans | None = None, name: str = "tensor") -> SolveResult:
     """Solve one weight's AlignMerge objective; returns δ (fp32) and ``SolveStats``.
 
     anchor, experts[k], fishers[k], f_align: same shape, any float dtype (bf16 fine), one device.
@@ -96,11 +96,14 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     lambda_budget > 0). tol: relative residual of each CG solve; max_iter: CG iterations per solve.
     one_sided_closed_form: with only u or only v, solve exactly by Woodbury (``one_sided_solve``)
     instead of CG. warm_start: an earlier δ for this weight (e.g. from the previous λ_align round of
-    the AQI loop) to start CG from instead of δ̄.
+    the AQI loop) to start CG from instead of δ̄. means: the whole tensor's Fisher means when the inputs
+    are a row block of it (only without a projector, whose terms couple all rows).
     """
     weights = list(weights) if weights is not None else [1.0 / len(experts)] * len(experts)
     if (u is not None or v is not None) and anchor.dim() != 2:
         raise ConfigError(f"{name}: a projector (u, v) needs a 2-D weight, got shape {tuple(anchor.shape)}")
+    if means is not None and (u is not None or v is not None):
+        raise ConfigError(f"{name}: a projector couples every row of the weight; solve it whole, not in row blocks")
     if lambda_align < 0 or beta < 0 or lambda_budget < 0 or rho < 0:
         raise ConfigError(f"{name}: lambda_align, beta, lambda_budget and rho must be >= 0")
     for what, t in (("anchor", anchor), *((f"expert {k}", e) for k, e in enumerate(experts))):
@@ -112,7 +115,7 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
     problem = fisher_merge_problem(anchor, experts, fishers, weights=weights, anchor_fisher=anchor_fisher,
                                    anchor_weight=anchor_weight, normalize_fishers=normalize_fishers,
                                    fisher_floor=fisher_floor, f_align=f_align if use_falign else None,
-                                   dtype=dtype, name=name)
+                                   dtype=dtype, means=means, name=name)
     delta_bar, metric = problem.delta_bar, problem.metric
     has_p = u is not None or v is not None
     u_ = _orthonormal(u, anchor.device, dtype)

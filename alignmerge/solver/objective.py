@@ -23,11 +23,24 @@ import torch
 from alignmerge.errors import ConfigError
 
 
-def normalised_fisher(f: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """F / mean(F) in ``dtype`` (zeros stay zeros: a Fisher that is 0 everywhere contributes nothing)."""
+def normalised_fisher(f: torch.Tensor, dtype: torch.dtype, device=None, mean: float | None = None) -> torch.Tensor:
+    """F / mean(F) in ``dtype`` (zeros stay zeros: a Fisher that is 0 everywhere contributes nothing).
+    ``mean``: the whole tensor's mean when ``f`` is a row block of it (default: the mean of ``f``)."""
     f = f.to(device=device if device is not None else f.device, dtype=dtype)
-    mean = f.mean()
-    return f / mean if float(mean) > 0.0 else torch.zeros_like(f)
+    mean = float(f.mean()) if mean is None else float(mean)
+    return f / mean if mean > 0.0 else torch.zeros_like(f)
+
+
+@dataclass
+class WholeTensorMeans:
+    """Means over a whole tensor of the Fishers of a row-chunked solve."""
+
+    experts: list[float]
+    """mean F_k per expert."""
+    align: float | None = None
+    """mean F_align (None without one)."""
+    anchor: float | None = None
+    """mean of the anchor's Fisher in L_geo (None without one)."""
 
 
 @dataclass
@@ -46,8 +59,11 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
                          weights: list[float], anchor_fisher: torch.Tensor | None = None,
                          anchor_weight: float = 0.0, normalize_fishers: bool = True, fisher_floor: float = 0.1,
                          f_align: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                         name: str = "tensor") -> Problem:
-    """δ̄ and the floored metric D from the anchor, experts, their Fishers and weights (see module doc)."""
+                         means: "WholeTensorMeans | None" = None, name: str = "tensor") -> Problem:
+    """δ̄ and the floored metric D from the anchor, experts, their Fishers and weights (see module doc).
+    ``means``: the whole tensor's Fisher means when the inputs are one row block of it (chunked merges);
+    then mean D_raw = Σ_k λ_k mean F̂_k (+ λ_A mean F̂_A) follows from them and the block's δ equals the
+    whole solve's rows."""
     if len(experts) != len(fishers) or len(experts) != len(weights) or not experts:
         raise ConfigError(f"{name}: need one Fisher and one weight per expert "
                           f"(got {len(experts)} experts, {len(fishers)} Fishers, {len(weights)} weights)")
@@ -59,17 +75,23 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
         raise ConfigError(f"{name}: expert weights must be >= 0 with a positive sum, got {weights}")
     base = anchor.to(dtype)
 
-    def prep(f: torch.Tensor) -> torch.Tensor:
+    def prep(f: torch.Tensor, mean: float | None) -> torch.Tensor:
         if normalize_fishers:
-            return normalised_fisher(f, dtype, base.device)
+            return normalised_fisher(f, dtype, base.device, mean)
         return f.to(device=base.device, dtype=dtype)
+
+    def prepped_mean(mean: float) -> float:
+        """mean of prep(F) over the whole tensor, from mean F."""
+        return (1.0 if mean > 0.0 else 0.0) if normalize_fishers else mean
+
+    expert_means = means.experts if means is not None else [None] * len(experts)
 
     numerator = torch.zeros_like(base)
     plain = torch.zeros_like(base)
     d_raw = torch.zeros_like(base)
-    for theta, fisher, lam in zip(experts, fishers, weights):
+    for theta, fisher, lam, f_mean in zip(experts, fishers, weights, expert_means):
         task = theta.to(device=base.device, dtype=dtype) - base
-        f = prep(fisher)
+        f = prep(fisher, f_mean)
         numerator.add_(lam * f * task)
         plain.add_(task, alpha=lam)
         d_raw.add_(f, alpha=lam)
@@ -77,11 +99,16 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
         if anchor_fisher.shape != anchor.shape:
             raise ConfigError(f"{name}: anchor Fisher has shape {tuple(anchor_fisher.shape)}, "
                               f"the anchor {tuple(anchor.shape)}")
-        d_raw.add_(prep(anchor_fisher), alpha=anchor_weight)
+        d_raw.add_(prep(anchor_fisher, means.anchor if means is not None else None), alpha=anchor_weight)
     plain.div_(sum(weights) + (anchor_weight if anchor_fisher is not None else 0.0))
     positive = d_raw > 0
     delta_bar = torch.where(positive, numerator / torch.where(positive, d_raw, 1.0), plain)
-    mean = float(d_raw.mean())
+    if means is None:
+        mean = float(d_raw.mean())
+    else:
+        mean = sum(lam * prepped_mean(m) for lam, m in zip(weights, means.experts))
+        if anchor_fisher is not None and anchor_weight > 0:
+            mean += anchor_weight * prepped_mean(means.anchor)
     if mean > 0.0:
         metric = d_raw.clamp(min=fisher_floor * mean) / mean
     else:
@@ -91,5 +118,5 @@ def fisher_merge_problem(anchor: torch.Tensor, experts: list[torch.Tensor], fish
         if f_align.shape != anchor.shape:
             raise ConfigError(f"{name}: alignment Fisher has shape {tuple(f_align.shape)}, "
                               f"the anchor {tuple(anchor.shape)}")
-        falign = normalised_fisher(f_align, dtype, base.device)
+        falign = normalised_fisher(f_align, dtype, base.device, means.align if means is not None else None)
     return Problem(delta_bar=delta_bar, metric=metric, falign=falign)
