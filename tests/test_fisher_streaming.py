@@ -39,6 +39,15 @@ def test_memory_budget_selects_streaming(llama3, tmp_path):
         compute_fisher(llama3, RECORDS[:2], max_memory=1000, batch_size=2)
 
 
+def test_streamed_without_out_leaves_no_temporary_files(llama3, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    got = compute_fisher(llama3, RECORDS[:2], batch_size=2, stream=True)
+    assert not list(tmp_path.iterdir())
+    assert_close({k: v.clone() for k, v in got.items()}, compute_fisher(llama3, RECORDS[:2], batch_size=2))
+
+
 def test_streaming_tied_embeddings(tmp_path):
     """A tied lm_head/embedding: streamed per-sample gradient sums both uses, as in memory."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -297,7 +297,11 @@ def compute_fisher(model_dir, data, out=None, *, kind: str = "empirical", sample
             writer.abort()
             raise
         writer.close()
-        return mmap_safetensors(target)
+        mapped = mmap_safetensors(target)
+        if out is None:  # the maps keep the data alive; the temporary file and directory go now
+            target.unlink()
+            target.parent.rmdir()
+        return mapped
     fisher = _fisher_in_memory(model_dir, seqs, kind=kind, batch_size=batch_size, device=device, seed=seed,
                                dtype=dtype, backend=backend, progress=progress)
     if out is not None and rank == 0:

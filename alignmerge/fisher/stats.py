@@ -104,10 +104,11 @@ def _compute(kind: str, model_dir, data, path: Path, options: dict) -> None:
 
 
 class StatsReader:
-    """Per-tensor reads from statistics files (lazy, cached handles), row-sliced for chunked merges."""
+    """Per-tensor reads from statistics files (validated headers, cached per file), row-sliced for chunked
+    merges. Reads are pread copies, not memory maps, so a pass over multi-GB Fisher files keeps a bounded RSS."""
 
     def __init__(self):
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, object] = {}
 
     def get(self, path, name: str, like: "torch.Tensor", element_offset: int = 0, *, rows: bool = False):
         """Tensor ``name`` of file ``path`` as fp32 (None if the file has no such tensor). With
@@ -115,21 +116,20 @@ class StatsReader:
         ``like`` covers: the executor merges big tensors in row chunks from flat index
         ``element_offset``."""
         import torch
-        from safetensors import safe_open
+
+        from alignmerge.io.checkpoint import Checkpoint
 
         key = str(path)
-        if key not in self._handles:
+        if key not in self._files:
             if not Path(key).is_file():
                 raise CheckpointError(f"{key}: statistics file not found")
-            self._handles[key] = safe_open(key, framework="pt")
-        handle = self._handles[key]
-        if name not in handle.keys():
+            self._files[key] = Checkpoint.from_file(key)
+        stats = self._files[key]
+        if name not in stats:
             return None
-        view = handle.get_slice(name)
-        shape = tuple(view.get_shape())
+        shape = stats.shape(name)
         if rows and like.dim() >= 1 and len(shape) == like.dim() and shape[1:] == tuple(like.shape[1:]) \
                 and shape[0] > like.shape[0]:
-            row_len = max(1, like[0].numel())
-            start = element_offset // row_len
-            return view[start:start + like.shape[0]].to(torch.float32)
-        return handle.get_tensor(name).to(torch.float32)
+            start = element_offset // max(1, like[0].numel())
+            return stats.read(name, rows=(start, start + like.shape[0])).to(torch.float32)
+        return stats.read(name).to(torch.float32)
