@@ -71,8 +71,8 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     """Merge the models of ``config`` (YAML path, dict or MergeConfig) into the HF directory ``out_dir``.
 
     ``max_memory`` bounds the host buffers: tensors whose inputs exceed a third of it are merged in
-    row chunks (two chunks are in flight with prefetch). ``resume`` continues an interrupted run
-    from its completed, checksum-verified shards.
+    row chunks (two chunks are in flight with ``prefetch``, which also writes results on a write-behind
+    thread). ``resume`` continues an interrupted run from its completed, checksum-verified shards.
     """
     if not isinstance(config, MergeConfig):
         config = load_config(config)

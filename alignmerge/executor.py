@@ -1,8 +1,10 @@
-"""Execution: run a MergePlan tensor by tensor with bounded memory, prefetching the next inputs.
+"""Execution: run a MergePlan tensor by tensor with bounded memory, overlapping read, merge and write.
 
-A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused
-buffers (pinned on CUDA, copied to the device on a separate stream) while the current unit merges (no fresh allocations, so no first-touch page faults on the
-hot path); results stream to the ShardedWriter. Peak memory ~ two units of inputs + one output.
+A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused buffers
+(pinned on CUDA, copied to the device on a separate stream), counting NaN/Inf block by block as the
+data arrives; the main thread merges the current unit into one of two reused output buffers; a
+write-behind thread checks, checksums and writes the previous result to the ShardedWriter. No fresh
+allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of inputs + two outputs.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import torch
 from alignmerge.errors import NonFiniteError
 from alignmerge.io.writer import ShardedWriter
 from alignmerge.methods import TensorInputs
-from alignmerge.ops import count_nonfinite
 from alignmerge.plan import MergePlan, TensorTask
 
 
@@ -45,10 +46,6 @@ class BufferPool:
         return sum(b.numel() for b in self._buffers.values())
 
 
-def _nonfinite(x: torch.Tensor) -> bool:
-    return count_nonfinite(x) > 0
-
-
 def _rounds(src: torch.dtype, dst: torch.dtype) -> bool:
     """True if casting src -> dst changes values (ops compute in fp32, so widening casts are skipped)."""
     return src != dst and not (dst in (torch.float32, torch.float64) and src.itemsize <= dst.itemsize)
@@ -72,7 +69,10 @@ class Executor:
         self.on_tensor_done = on_tensor_done or (lambda name: None)
         self.pool = BufferPool(pin=self.device.type == "cuda")
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._out_buffer_bytes: torch.Tensor | None = None  # reused output buffer (uint8)
+        self._out_buffers: list[torch.Tensor | None] = [None, None]  # two reused output buffers (uint8)
+        self._writes: list[Future | None] = [None, None]  # the pending write of each output buffer
+        self._write_pool: ThreadPoolExecutor | None = None
+        self._units_merged = 0
         self.bytes_read = 0
         self.bytes_written = 0
 
@@ -89,19 +89,18 @@ class Executor:
         total_rows = task.shape[0] if task.shape else 1
         rows = None if unit.rows == (0, total_rows) else unit.rows
 
-        def read(ck, key: int) -> torch.Tensor:
+        def read(ck, key: int, check: bool) -> torch.Tensor:
             nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
-            return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes))
+            try:
+                return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes), check_finite=check)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
 
         if task.copy_from_reference:
-            return [read(self.plan.reference, 0)], None, None
-        tensors = [read(ck, k) for k, ck in enumerate(self.plan.models)]
-        base = read(self.plan.base, len(tensors)) if self.plan.base is not None else None
-        if not self.allow_nonfinite:  # here, in the read-ahead thread, while the data is still in cache
-            for ck, x in zip(self.plan.inputs, tensors + ([base] if base is not None else [])):
-                if _nonfinite(x):
-                    raise NonFiniteError(f"{ck.path}: tensor {task.name!r} contains NaN or Inf "
-                                         "(pass --allow-nonfinite to merge it anyway)")
+            return [read(self.plan.reference, 0, False)], None, None
+        check = not self.allow_nonfinite
+        tensors = [read(ck, k, check) for k, ck in enumerate(self.plan.models)]
+        base = read(self.plan.base, len(tensors), check) if self.plan.base is not None else None
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
         if self.copy_stream is None:
             return tensors, base, None
@@ -117,6 +116,8 @@ class Executor:
         tasks = self.plan.tasks if tasks is None else tasks
         units = list(self.units(tasks))
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignmerge-prefetch") if self.prefetch else None
+        self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignmerge-write") \
+            if self.prefetch else None
         try:
             pending: Future | None = None
             if pool is not None and units:
@@ -130,31 +131,53 @@ class Executor:
                 else:
                     data = self._read(unit, 0)
                 self._process(unit, *data, state)
+            for pending_write in self._writes:
+                if pending_write is not None:
+                    pending_write.result()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            if self._write_pool is not None:
+                self._write_pool.shutdown(wait=True, cancel_futures=True)
+            self._writes = [None, None]
 
     def _process(self, unit: WorkUnit, tensors: list[torch.Tensor], base: torch.Tensor | None, ready,
                  state: dict[int, object]) -> None:
         task = unit.task
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
-        if task.copy_from_reference:
-            self.writer.write(task.name, tensors[0], unit.rows[0])
-            self._done(unit, tensors[0].numel() * tensors[0].element_size())
+        if task.copy_from_reference:  # written from the input buffer, so before the next read reuses it
+            self._write(unit, tensors[0], 0, check=False).result()
             return
         inputs = self._inputs(task, unit.rows, tensors, base)
         if len(task.chunks) > 1 and task.index not in state:
             state[task.index] = self._chunk_statistic(task, inputs)
         inputs.state = state.get(task.index)
-        out = self._out_buffer(task, unit)
+        which = self._units_merged % 2
+        self._units_merged += 1
+        out = self._out_buffer(task, unit, which)
         merged = self.plan.method.merge(inputs, out_dtype=task.out_dtype, out=out, backend=self.backend)
-        if not self.allow_nonfinite and _nonfinite(merged):
-            raise NonFiniteError(f"merged tensor {task.name!r} contains NaN or Inf")
-        self.writer.write(task.name, merged, unit.rows[0])
+        if merged.data_ptr() != out.data_ptr():  # the write outlives this call: never a view of an input buffer
+            merged = out.copy_(merged)
         if unit.rows[1] == (task.shape[0] if task.shape else 1):
             state.pop(task.index, None)
-        self._done(unit, merged.numel() * merged.element_size())
+        self._write(unit, merged, which, check=not self.allow_nonfinite)
+
+    def _write(self, unit: WorkUnit, data: torch.Tensor, which: int, *, check: bool) -> Future:
+        """Check, checksum and write ``data`` (output buffer ``which``) on the write-behind thread, then report
+        progress; the buffer is reused only after this write completes."""
+        def job() -> None:
+            self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check)
+            self._done(unit, data.numel() * data.element_size())
+
+        if self._write_pool is None:
+            done: Future = Future()
+            job()
+            done.set_result(None)
+        else:
+            done = self._write_pool.submit(job)
+        self._writes[which] = done
+        return done
 
     def _inputs(self, task: TensorTask, rows: tuple[int, int], tensors: list[torch.Tensor],
                 base: torch.Tensor | None) -> TensorInputs:
@@ -182,13 +205,16 @@ class Executor:
             stat.finish_pass()
         return stat
 
-    def _out_buffer(self, task: TensorTask, unit: WorkUnit) -> torch.Tensor:
+    def _out_buffer(self, task: TensorTask, unit: WorkUnit, which: int) -> torch.Tensor:
+        """Output buffer ``which`` (0 or 1), once its previous write has finished."""
+        if self._writes[which] is not None:
+            self._writes[which].result()
         shape = (unit.rows[1] - unit.rows[0], *task.shape[1:]) if task.shape else ()
         nbytes = math.prod(shape) * task.out_dtype.itemsize
-        buf = self._out_buffer_bytes
+        buf = self._out_buffers[which]
         if buf is None or buf.numel() < nbytes or buf.device != self.device:
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
-            self._out_buffer_bytes = buf
+            self._out_buffers[which] = buf
         return buf[:nbytes].view(task.out_dtype).view(shape)
 
     def _done(self, unit: WorkUnit, nbytes: int) -> None:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from alignmerge.errors import NonFiniteError
 from alignmerge.ops import count_nonfinite
 from alignmerge.ops._backend import available_backends
 from alignmerge.ops.reference import count_nonfinite_reference
@@ -29,3 +30,42 @@ def test_finite_extremes_are_finite():
         x = torch.tensor([info.max, -info.max, info.tiny, 0.0, -0.0], dtype=dtype)
         for backend in available_backends("cpu"):
             assert count_nonfinite(x, backend=backend) == 0
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_read_counts_nonfinite_block_by_block(tmp_path, monkeypatch, native, dtype):
+    """The checked read (C++ pread loop, or the Python fallback) counts NaN/Inf across odd block edges
+    and row slices exactly like the reference, and reports a truncated file."""
+    from safetensors.torch import save_file
+
+    from alignmerge.errors import CheckpointError
+    from alignmerge.io import safetensors_file as sf
+    from alignmerge.io.checkpoint import Checkpoint
+    from alignmerge.ops import _backend
+
+    if native and _backend.cpp_extension() is None:
+        pytest.skip("the C++ extension is not built")
+    if not native:
+        monkeypatch.setattr(_backend, "cpp_extension", lambda: None)
+    monkeypatch.setattr(sf, "READ_BLOCK_BYTES", 1000)  # block edges fall inside rows of 13 elements
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(301, 13, generator=g).to(dtype)
+    flat = x.view(-1)
+    flat[torch.randint(0, flat.numel(), (40,), generator=g)] = float("nan")
+    flat[torch.randint(0, flat.numel(), (9,), generator=g)] = float("inf")
+    save_file({"w": x}, str(tmp_path / "s.safetensors"))
+    ck = Checkpoint.from_file(tmp_path / "s.safetensors")
+    entry = ck.entry("w")
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    assert sf.read_bytes_into(entry, buf, count_nonfinite=True) == count_nonfinite_reference(x)
+    assert torch.equal(buf.view(dtype).view(x.shape).view(torch.uint8), x.view(torch.uint8))
+    rows = (17, 250)
+    got = sf.read_bytes_into(entry, buf, rows[0] * entry.row_bytes, rows[1] * entry.row_bytes, count_nonfinite=True)
+    assert got == count_nonfinite_reference(x[rows[0]:rows[1]])
+    assert sf.read_bytes_into(entry, buf) == 0  # not counting
+    with pytest.raises(NonFiniteError, match=r"s\.safetensors: tensor 'w' contains \d+ NaN/Inf values"):
+        ck.read("w", check_finite=True)
+    (tmp_path / "s.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="unexpected end of file"):
+        sf.read_bytes_into(entry, buf, count_nonfinite=True)

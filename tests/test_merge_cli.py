@@ -210,6 +210,19 @@ def test_allow_nonfinite_passes_nan_through(tiny_llamas, tmp_path):
     assert torch.isnan(load_dir(out)["model.layers.0.self_attn.q_proj.weight"]).any()
 
 
+def test_overflowing_merge_is_refused_with_no_output(tiny_llamas_fp32, tmp_path, capsys):
+    """Finite inputs whose weighted sum overflows: the write-behind check names the merged tensor."""
+    cfg = configs(tiny_llamas_fp32)["linear"]
+    for spec in cfg["models"]:
+        spec["parameters"]["weight"] = 3e38
+    cfg["parameters"] = {"normalize": False}
+    out = tmp_path / "out"
+    assert cli_main(["merge", str(write_config(tmp_path / "cfg.yaml", cfg)), str(out), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "merged tensor 'model." in err and "contains NaN or Inf" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
 @pytest.mark.parametrize("edit,expect", [
     (lambda c: c.update(merge_method="slerpy"), "unknown method 'slerpy'"),
     (lambda c: c["models"][0]["parameters"].update(wieght=1), "models[0].parameters.wieght"),

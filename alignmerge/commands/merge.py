@@ -39,7 +39,8 @@ def add_arguments(p) -> None:
                    help="accept pytorch_model.bin weights (loaded with torch.load(weights_only=True))")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from its completed shards")
-    p.add_argument("--no-prefetch", action="store_true", help="disable reading the next tensor while merging")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="disable the read-ahead and write-behind threads (read, merge and write in turn)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

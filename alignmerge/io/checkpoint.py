@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from alignmerge.errors import CheckpointError
+from alignmerge.errors import CheckpointError, NonFiniteError
 from alignmerge.io.safetensors_file import TensorEntry, read_bytes_into, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -133,17 +133,24 @@ class Checkpoint:
         return sorted({e.file for e in self._entries.values()})
 
     # ---- reads ---------------------------------------------------------------------------
-    def read(self, name: str, *, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, *, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+             check_finite: bool = False) -> torch.Tensor:
         """Tensor ``name`` (or rows [start, stop) of dim 0) in its storage dtype, on CPU.
 
         ``out`` is an optional uint8 buffer of at least the needed bytes to read into (reused
-        buffers avoid first-touch page faults); the result is a view of it.
+        buffers avoid first-touch page faults); the result is a view of it. ``check_finite`` raises
+        NonFiniteError if the values read hold NaN/Inf (counted while each block is in cache).
         """
         if name not in self:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
         if self._bin_state is not None:
             t = self._bin_state[name]
-            return t[rows[0]:rows[1]] if rows is not None else t
+            t = t[rows[0]:rows[1]] if rows is not None else t
+            if check_finite:
+                from alignmerge.ops import count_nonfinite
+
+                self._raise_nonfinite(name, count_nonfinite(t))
+            return t
         entry = self._entries[name]
         shape = entry.shape
         byte_begin, byte_end = 0, entry.nbytes
@@ -156,5 +163,10 @@ class Checkpoint:
             out = torch.empty(n, dtype=torch.uint8)
         elif out.numel() < n:
             raise ValueError(f"read buffer of {out.numel()} bytes is too small for {n} bytes of {name!r}")
-        read_bytes_into(entry, out, byte_begin, byte_end)
+        self._raise_nonfinite(name, read_bytes_into(entry, out, byte_begin, byte_end, count_nonfinite=check_finite),
+                              entry.file)
         return out[:n].view(entry.dtype).view(shape)
+
+    def _raise_nonfinite(self, name: str, count: int, where: Path | str | None = None) -> None:
+        if count:
+            raise NonFiniteError(f"{where or self.path}: tensor {name!r} contains {count} NaN/Inf values")

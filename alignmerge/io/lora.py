@@ -116,9 +116,10 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{weights}: LoRA update of {target!r} has shape {list(update)}, the base model's "
                                   f"tensor {list(w_shape)}")
 
-    def read(self, name: str, *, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, *, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+             check_finite: bool = False) -> torch.Tensor:
         if name not in self._replaced and name not in self._pairs:
-            return super().read(name, rows=rows, out=out)
+            return super().read(name, rows=rows, out=out, check_finite=check_finite)
         if name in self._replaced:
             base = self._adapter.read(self._replaced[name], rows=rows).to(self.dtype(name))
         else:
@@ -134,6 +135,10 @@ class LoraCheckpoint(Checkpoint):
             result = (base.float() + update * scale).to(base.dtype)
         else:
             result = base
+        if check_finite:
+            from alignmerge.ops import count_nonfinite
+
+            self._raise_nonfinite(name, count_nonfinite(result), f"{self._adapter.path} (LoRA on {self.path})")
         if out is None:
             return result
         n = result.numel() * result.element_size()

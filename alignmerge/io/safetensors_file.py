@@ -127,19 +127,45 @@ def _validate_entry(path: Path, name: str, info, data_start: int, data_len: int)
     return TensorEntry(path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def read_bytes_into(entry: TensorEntry, out: torch.Tensor, byte_begin: int = 0, byte_end: int | None = None) -> None:
-    """pread bytes [byte_begin, byte_end) of the tensor's data into the uint8 CPU tensor ``out``."""
+READ_BLOCK_BYTES = 4 << 20
+"""pread block: small enough that a block is still in cache when its finiteness is counted."""
+
+
+def read_bytes_into(entry: TensorEntry, out: torch.Tensor, byte_begin: int = 0, byte_end: int | None = None, *,
+                    count_nonfinite: bool = False) -> int:
+    """pread bytes [byte_begin, byte_end) of the tensor's data into the uint8 CPU tensor ``out``.
+
+    With ``count_nonfinite`` (float tensors) the NaN/Inf elements are counted block by block as they
+    arrive, while each block is in cache, and the count is returned (else 0)."""
+    from alignmerge.ops._backend import DTYPE_CODES, cpp_extension
+
     byte_end = entry.nbytes if byte_end is None else byte_end
     n = byte_end - byte_begin
-    view = memoryview(out.numpy()).cast("B")[:n]
+    counting = count_nonfinite and entry.dtype.is_floating_point
+    ext = cpp_extension()
     fd = os.open(entry.file, os.O_RDONLY)
     try:
-        done = 0
+        if ext is not None and (not counting or entry.dtype in DTYPE_CODES):
+            code = DTYPE_CODES[entry.dtype] if counting else -1
+            done, count, err = ext.pread_count_nonfinite(fd, entry.begin + byte_begin, n, out.data_ptr(), code,
+                                                         READ_BLOCK_BYTES)
+            if done < n:
+                raise OSError(err, os.strerror(err)) if err else EOFError()
+            return count
+        view = memoryview(out.numpy()).cast("B")[:n]
+        count = done = 0
         while done < n:
-            got = os.preadv(fd, [view[done:]], entry.begin + byte_begin + done)
+            got = os.preadv(fd, [view[done:done + READ_BLOCK_BYTES]], entry.begin + byte_begin + done)
             if got == 0:
-                raise CheckpointError(f"{entry.file}: unexpected end of file while reading a tensor")
+                raise EOFError()
+            if counting:
+                from alignmerge.ops import count_nonfinite as count_block
+
+                count += count_block(out[done:done + got].view(entry.dtype))
             done += got
+        return count
+    except EOFError:
+        raise CheckpointError(f"{entry.file}: unexpected end of file while reading a tensor") from None
     except OSError as exc:
         raise CheckpointError(f"{entry.file}: read failed ({exc.strerror or exc})") from None
     finally:

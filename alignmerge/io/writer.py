@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from alignmerge.errors import AlignMergeError
+from alignmerge.errors import AlignMergeError, NonFiniteError
 from alignmerge.io.safetensors_file import DTYPE_NAMES
 
+WRITE_BLOCK_BYTES = 4 << 20
+"""Output is checked, checksummed and written in blocks of this size, each while it is in cache."""
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -139,18 +141,32 @@ class ShardedWriter:
             self._pwrite(fd, path, head, 0)
             self._crc[path] = (zlib.crc32(head), len(head))
 
-    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
-        """Write ``tensor`` (the whole output tensor, or rows from ``row_start``) at its planned place."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0, *, check_finite: bool = False) -> None:
+        """Write ``tensor`` (the whole output tensor, or rows from ``row_start``) at its planned place.
+
+        Block by block, while each block is in cache: NaN/Inf count (``check_finite``: NonFiniteError
+        naming the tensor), the shard's running CRC-32, and the pwrite."""
         slot = self.slots[name]
-        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        flat = tensor.detach().to("cpu").contiguous().view(-1)
+        data = flat.view(torch.uint8)
         offset = slot.offset + row_start * slot.row_bytes
         if offset + data.numel() > slot.offset + slot.nbytes:
             raise ValueError(f"write of {data.numel()} bytes overflows the slot of {name!r}")
+        check = check_finite and flat.is_floating_point()
+        if check:
+            from alignmerge.ops import count_nonfinite
         view = memoryview(data.numpy())
-        self._pwrite(self._fds[slot.file], slot.file, view, offset)
         crc = self._crc.get(slot.file)
-        if crc is not None:
-            self._crc[slot.file] = (zlib.crc32(view, crc[0]), crc[1] + len(view)) if crc[1] == offset else None
+        crc = crc if crc is not None and crc[1] == offset else None
+        step = WRITE_BLOCK_BYTES - WRITE_BLOCK_BYTES % flat.element_size()
+        for begin in range(0, len(view), step):
+            block = view[begin:begin + step]
+            if check and count_nonfinite(flat[begin // flat.element_size():(begin + len(block)) // flat.element_size()]):
+                raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
+            if crc is not None:
+                crc = (zlib.crc32(block, crc[0]), crc[1] + len(block))
+            self._pwrite(self._fds[slot.file], slot.file, block, offset + begin)
+        self._crc[slot.file] = crc
 
     def _pwrite(self, fd: int, path: Path, data, offset: int) -> None:
         view = memoryview(data).cast("B")

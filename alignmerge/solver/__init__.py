@@ -151,23 +151,24 @@ def solve_weight(anchor: torch.Tensor, experts: list[torch.Tensor], fishers: lis
         one_sided = one_sided_closed_form and (u_ is None or v_ is None)
         method = "woodbury" if one_sided else "cg"
 
-        def solve(mu_value: float, x0: torch.Tensor) -> tuple[torch.Tensor, float]:
+        # (no attribute on ``solve`` itself: a function referring to its own name is a reference cycle
+        # that kept b and D of every solved weight alive until the next garbage collection)
+        def solve(mu_value: float, x0: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+            """δ(μ), ‖Pδ(μ)‖² and whether CG stalled (δ already solves the equations for μ to tol)."""
             nonlocal cg_iterations, rounds, converged
             rounds += 1
             if one_sided:
                 x = one_sided_solve(b, d_eff, u_, v_, mu_value)
-                solve.stalled = False
-                return x, p_sqnorm(x)
+                return x, p_sqnorm(x), False
             res = solve_pcg(b, d_eff, u_, v_, mu_value, x0=x0, tol=tol, max_iter=max_iter,
                             jacobi_projector=jacobi_projector, backend=be)
             cg_iterations += res.iterations
             converged = res.converged
-            solve.stalled = res.iterations == 0
-            return res.x, p_sqnorm(res.x)
+            return res.x, p_sqnorm(res.x), res.iterations == 0
 
         mu = lam_p
         start = delta_bar if warm_start is None else warm_start.to(device=delta_bar.device, dtype=dtype)
-        delta, s = solve(mu, start)
+        delta, s, _stalled = solve(mu, start)
         if budget_on and s > budget:
             delta, s, mu = _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol,
                                                max_rounds, float(d_eff.mean()))
@@ -239,7 +240,7 @@ def _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol,
         mu_next = _model_root(hard, mu_prev, w_prev, slope, lam_p, lam_bud, budget, lo, hi)
         if not lo < mu_next < hi:
             mu_next = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * lo + d_scale
-        delta, s = solve(mu_next, delta)
+        delta, s, stalled = solve(mu_next, delta)
         h = h_of(mu_next, s)
         if h > 0:
             lo = mu_next
@@ -259,7 +260,7 @@ def _budget_fixed_point(solve, delta, s, mu, lam_p, lam_bud, budget, bnorm, tol,
             break
         if math.isfinite(hi) and (hi - lo) * math.sqrt(s) <= 0.1 * tol * bnorm:
             break
-        if solve.stalled:
+        if stalled:
             break  # δ already solves the equations for this μ to tol: s cannot be resolved further
     return delta, s, mu
 
