@@ -1,14 +1,19 @@
-// Non-finite detection (CPU): count NaN/Inf elements of bf16/fp16/fp32 storage by their exponent bits,
-// no float conversion, so it runs at memory bandwidth; and a pread that counts each block while it is
-// still in cache, so checking inputs costs no extra pass over memory.
+// Checks on data in flight (CPU): count NaN/Inf elements of bf16/fp16/fp32 storage by their exponent bits,
+// no float conversion, so it runs at memory bandwidth; a pread that counts each block while it is still in
+// cache, so checking inputs costs no extra pass over memory; and CRC-32C (hardware instruction where the
+// CPU has SSE4.2) for the output shards' running checksums.
 #include "alignmerge.h"
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <tuple>
 #include <unistd.h>
 
 #include <omp.h>
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#endif
 
 namespace py = pybind11;
 
@@ -17,19 +22,27 @@ namespace {
 
 constexpr int64_t kParallelCountMin = 1 << 22;  // smaller ranges count on the calling thread
 
-int64_t count_range(const void* ptr, int dtype, int64_t n) {
+constexpr int64_t kCountLane = 1 << 15;  // elements per narrow-accumulator run (fits the counter's width)
+
+// NaN/Inf of x[0, n): exponent bits all ones. Runs of kCountLane elements accumulate in a counter as wide
+// as the element, so the compare-and-add loop vectorises at full SIMD width.
+template <class T>
+int64_t count_exponent_all_ones(const T* x, int64_t n, T exp_mask) {
   int64_t count = 0;
-  if (dtype == kFloat32) {
-    const uint32_t* x = static_cast<const uint32_t*>(ptr);
 #pragma omp parallel for reduction(+ : count) schedule(static) if (n >= kParallelCountMin)
-    for (int64_t i = 0; i < n; ++i) count += (x[i] & 0x7f800000u) == 0x7f800000u;
-  } else {
-    const uint16_t* x = static_cast<const uint16_t*>(ptr);
-    const uint16_t exp_mask = dtype == kBFloat16 ? 0x7f80u : 0x7c00u;
-#pragma omp parallel for reduction(+ : count) schedule(static) if (n >= kParallelCountMin)
-    for (int64_t i = 0; i < n; ++i) count += (x[i] & exp_mask) == exp_mask;
+  for (int64_t s = 0; s < n; s += kCountLane) {
+    const int64_t e = std::min(n, s + kCountLane);
+    T run = 0;
+    for (int64_t i = s; i < e; ++i) run += static_cast<T>((x[i] & exp_mask) == exp_mask);
+    count += run;
   }
   return count;
+}
+
+int64_t count_range(const void* ptr, int dtype, int64_t n) {
+  if (dtype == kFloat32) return count_exponent_all_ones(static_cast<const uint32_t*>(ptr), n, 0x7f800000u);
+  const uint16_t exp_mask = dtype == kBFloat16 ? 0x7f80u : 0x7c00u;
+  return count_exponent_all_ones(static_cast<const uint16_t*>(ptr), n, exp_mask);
 }
 
 int64_t count_nonfinite(uintptr_t ptr, int dtype, int64_t n) {
@@ -64,6 +77,39 @@ std::tuple<int64_t, int64_t, int> pread_count_nonfinite(int fd, int64_t offset, 
   return {done, count, 0};
 }
 
+// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of n bytes, continuing from crc (0 to start).
+uint32_t crc32c_bytes(const uint8_t* p, int64_t n, uint32_t crc) {
+  uint64_t c = ~crc & 0xffffffffu;
+#if defined(__SSE4_2__)
+  for (; n >= 8; n -= 8, p += 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c = _mm_crc32_u64(c, v);
+  }
+  for (; n > 0; --n) c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
+#else
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t v = i;
+      for (int k = 0; k < 8; ++k) v = (v >> 1) ^ (0x82F63B78u & (0u - (v & 1u)));
+      t[i] = v;
+    }
+    return t;
+  }();
+  for (; n > 0; --n) c = table[(c ^ *p++) & 0xffu] ^ (c >> 8);
+#endif
+  return static_cast<uint32_t>(~c);
+}
+
+uint32_t crc32c(py::buffer data, uint32_t crc) {
+  const py::buffer_info info = data.request();
+  const int64_t n = info.size * info.itemsize;
+  const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+  py::gil_scoped_release release;
+  return crc32c_bytes(p, n, crc);
+}
+
 }  // namespace
 
 void register_check_ops(py::module_& m) {
@@ -73,6 +119,8 @@ void register_check_ops(py::module_& m) {
         "pread into dst in blocks, counting NaN/Inf of each block while cached (dtype -1: no count)",
         py::arg("fd"), py::arg("offset"), py::arg("nbytes"), py::arg("dst"), py::arg("dtype"),
         py::arg("block_bytes"));
+  m.def("crc32c", &crc32c, "CRC-32C of a contiguous buffer, continuing from crc", py::arg("data"),
+        py::arg("crc") = 0);
 }
 
 }  // namespace alignmerge

@@ -69,3 +69,16 @@ def test_read_counts_nonfinite_block_by_block(tmp_path, monkeypatch, native, dty
     (tmp_path / "s.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="unexpected end of file"):
         sf.read_bytes_into(entry, buf, count_nonfinite=True)
+
+
+def test_crc32c_matches_the_standard_check_value_and_continues():
+    from alignmerge.ops._backend import cpp_extension
+
+    ext = cpp_extension()
+    if ext is None:
+        pytest.skip("the C++ extension is not built")
+    assert ext.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
+    data = torch.randint(0, 256, (10007,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)).numpy()
+    whole = ext.crc32c(memoryview(data))
+    assert ext.crc32c(memoryview(data)[4093:], ext.crc32c(memoryview(data)[:4093])) == whole
+    assert ext.crc32c(b"") == 0

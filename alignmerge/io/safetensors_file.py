@@ -127,7 +127,7 @@ def _validate_entry(path: Path, name: str, info, data_start: int, data_len: int)
     return TensorEntry(path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-READ_BLOCK_BYTES = 4 << 20
+READ_BLOCK_BYTES = 1 << 20
 """pread block: small enough that a block is still in cache when its finiteness is counted."""
 
 
