@@ -201,35 +201,6 @@ def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, m
     assert any(n.startswith("fisher-") for n in cache)
 
 
-def test_run_merge_aqi_loop_loosens_a_passing_lambda(family, tmp_path, monkeypatch):
-    """A starting λ that passes is halved until one fails, then bisected: the loosest passing λ is kept."""
-    seen = []
-
-    def fake_scores(model_dir, pairs, labels, refusal=True):
-        if "anchor" in str(model_dir):
-            return {"aqi": 80.0, "refusal": 1.0, "over_refusal": 0.0}
-        return {"aqi": 80.0, "refusal": 1.0 if seen[-1] >= 0.1 else 0.2, "over_refusal": 0.0}
-
-    original = am.AlignMerge.merge
-
-    def spy(self, inputs, **kw):
-        if inputs.name == "model.norm.weight":
-            seen.append(float(inputs.method_params["lambda_align"]))
-        return original(self, inputs, **kw)
-
-    monkeypatch.setattr(am, "probe_scores", fake_scores)
-    monkeypatch.setattr(am.AlignMerge, "merge", spy)
-    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]), "alignment_data": str(family["data"]),
-              "models": [{"model": str(family["expert"]), "parameters": {"weight": 1.0, "data": str(family["data"])}}],
-              "parameters": {"rank": 2, "lambda_align": 1.0, "max_rounds": 6, "aqi_probes": str(family["probes"])},
-              "dtype": "float32"}
-    report = am.run_alignmerge(config, tmp_path / "out")
-    lams = [r["lambda_align"] for r in report["rounds"]]
-    assert lams[:5] == [1.0, 0.5, 0.25, 0.125, 0.0625]  # halving until the first failure
-    assert 0.0625 < lams[5] < 0.125 and not report["rounds"][5]["passed"]  # then bisection
-    assert report["target_met"] and report["chosen_lambda_align"] == 0.125
-
-
 def test_probe_aqi_on_a_real_model_and_probe_errors(family, tmp_path):
     pairs, labels = am.probe_pairs(str(family["probes"]))
     assert len(pairs) == 10 and set(labels) == {0, 1}
@@ -306,9 +277,7 @@ def test_cli_merge_computes_statistics_and_runs_the_loop(family, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
-    # every λ passes with this tolerance: the loop halves from the default 0.25 and keeps the loosest
-    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25, 0.125]
-    assert report["chosen_lambda_align"] == 0.125
+    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25]
     assert report["refusal_floor"] is None and report["rounds"][0]["refusal"] is None
     assert any((tmp_path / "out").glob("*.safetensors")) and (tmp_path / "out.alignmerge-cache").is_dir()
 

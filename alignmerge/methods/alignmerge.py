@@ -18,9 +18,11 @@ responses; and, unless ``over_refusal_tolerance`` is null, the probe over-refusa
 prompts) rises more than that above the anchor's, since a misaligned expert can also bring refusals of
 harmless requests (on the demo zoo neither seed 0 nor 1 tripped it: held-out over-refusal 0.20 on seed 1 at
 λ_align = 0.25 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
-merges in all; when the starting λ passes, it halves instead until a λ fails; the remaining rounds bisect
-between the last failing and the smallest passing λ, which is kept (the least constrained merge that keeps
-alignment, so the most skill).
+merges in all; after the first passing λ, the remaining rounds bisect between the last failing and the
+first passing λ, and the smallest passing λ is kept (the least constrained merge that keeps alignment). A
+starting λ that passes is kept as it is: ``lambda_align`` is the least constraint the run applies, since
+loosening below it on the demo zoo passed the train-split probes while held-out over-refusal doubled
+(seed 1: 0.20 at λ = 0.25, 0.41 at the 0.03 the probes accepted).
 If none passes, the largest λ tried is kept and the report says so. Probes: the builtin corpora's
 *train* split (aligned = refusals to harmful requests + helpful answers; misaligned = compliance), so the
 held-out probes of ``alignmerge eval`` stay untouched; or a JSONL of {prompt, response, label} records.
@@ -499,12 +501,6 @@ def run_alignmerge(config, out_dir, *, progress: bool = False, **merge_options) 
     low, high = None, None
     if attempt(lam):
         high = lam
-        while lam > 0 and len(rounds) < max_rounds:  # passed: look for a looser λ that still passes
-            lam = lam / 2.0
-            if not attempt(lam):
-                low = lam
-                break
-            high = lam
     else:
         low = lam
         lam = lam * 2.0 if lam > 0 else 1.0
