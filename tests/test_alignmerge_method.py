@@ -344,3 +344,17 @@ def test_unchunkable_tensor_over_the_memory_budget_is_refused_before_compute(wid
     with pytest.raises(AlignMergeError, match=r"tensor 'model\.layers\.0\..*merges it whole.*raise --max-memory"):
         merge(wide_vocab["config"], tmp_path / "out", progress=False, max_memory=20_000)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_delta_subspace_from_the_configured_base(family, tmp_path):
+    """subspace_method: delta takes the pretrained model from parameters.subspace_base (SVD of anchor − base)."""
+    from alignmerge.subspace import SubspaceFile
+
+    config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]), "alignment_data": str(family["data"]),
+              "models": [{"model": str(family["expert"]), "parameters": {"data": str(family["data"])}}],
+              "parameters": {"subspace_method": "delta", "subspace_base": str(family["expert"]), "rank": 2,
+                             "use_aqi_loop": False}, "dtype": "float32"}
+    report = am.run_alignmerge(config, tmp_path / "out")
+    sub = SubspaceFile(report["files"]["subspace"])
+    assert sub.metadata["method"] == "delta" and sub.metadata["base"] == str(family["expert"])
+    assert report["summary"]["weights_with_projector"] > 0

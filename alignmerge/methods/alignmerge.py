@@ -45,7 +45,8 @@ Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, lambda_
 rank, beta, aqi_tolerance (τ, AQI points), max_rounds, use_projector, use_align_fisher, use_budget,
 use_aqi_loop, anchor_weight (λ_A of an anchor Fisher term in L_geo, its Fisher = F_align),
 fisher_floor, falign_1d (apply the F_align term to 1-D tensors too), expert_weights (config | data),
-weight_temperature, aqi_probes, aqi_examples, subspace_method, the stats options (samples, max_length,
+weight_temperature, aqi_probes, aqi_examples, subspace_method (gradient | delta: SVD of anchor − subspace_base,
+the pretrained model the anchor was tuned from), the stats options (samples, max_length,
 batch_size, stats_device, fisher_kind, seed), and the file slots subspace, align_fisher, diagnostics.
 """
 from __future__ import annotations
@@ -79,7 +80,8 @@ class AlignMerge(MergeMethod):
         "use_projector": True, "use_align_fisher": True, "use_budget": True, "use_aqi_loop": True,
         "anchor_weight": 0.0, "fisher_floor": 0.1, "falign_1d": False,
         "expert_weights": "config", "weight_temperature": 1.0, "alignment_data": None, "aqi_probes": "builtin",
-        "aqi_examples": None, "subspace_method": "gradient", "subspace": None, "align_fisher": None,
+        "aqi_examples": None, "subspace_method": "gradient", "subspace_base": None, "subspace": None,
+        "align_fisher": None,
         "diagnostics": None, "cg_tol": 1e-6, "cg_max_iter": 500,
         "fisher_kind": "empirical", "samples": 64, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
         "seed": 0,
