@@ -76,7 +76,8 @@ def main() -> None:
         for tool, (wall, rss, code) in results.items():
             print(f"{method:<8} {tool:<11} {wall:8.2f} {rss:12.2f}" + ("" if code == 0 else f"  (exit {code})"))
         wall = results["alignmerge"][0]
-        print(f"{method:<8} prefetch   {results['no-prefetch'][0] / wall:8.2f}x faster than without; "
+        print(f"{method:<8} prefetch   {results['no-prefetch'][0] / wall:8.2f}x faster than --no-prefetch "
+              "(read-ahead and write-behind threads off); "
               f"{moved / wall / 1e9:.2f} GB/s end to end = {moved / wall / 1e9 / rate:.0%} of the copy rate "
               "(process start included)")
         if "mergekit" in results and results["mergekit"][2] == 0 and results["alignmerge"][2] == 0:
