@@ -32,6 +32,7 @@ from alignmerge.data import (TokenizedSequence, load_records, load_tokenizer, pa
                              tokenize_records)
 from alignmerge.distributed import all_reduce_sum, barrier, distributed_context, rank_slice
 from alignmerge.errors import CheckpointError, ConfigError, DataError
+from alignmerge.io.safetensors_file import layout_header
 from alignmerge.fisher.capture import (SquaredGradCapture, embedding_squared_grads, shared_squared_grads,
                                       supported_parameters)
 
@@ -89,16 +90,8 @@ class Fp32SafetensorsWriter:
     def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        header: dict = {"__metadata__": metadata}
-        offset = 0
-        self.offsets: dict[str, tuple[int, int]] = {}
-        for name in sorted(shapes):
-            nbytes = 4 * int(np.prod(shapes[name], dtype=np.int64))
-            header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-            self.offsets[name] = (offset, offset + nbytes)
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw, self.offsets, offset = layout_header([(name, torch.float32, tuple(shapes[name])) for name in sorted(shapes)],
+                                                  metadata)
         self.data_start = 8 + len(raw)
         self.shapes = dict(shapes)
         self.written: set[str] = set()

@@ -54,6 +54,22 @@ class TensorEntry:
         return self.nbytes // self.shape[0]
 
 
+def layout_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]], int]:
+    """A safetensors header for ``(name, dtype, shape)`` tensors packed in the given order: the JSON blob
+    padded with spaces to 8 bytes, each tensor's [begin, end) data offsets, and the data size."""
+    header: dict = {"__metadata__": metadata}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offsets[name] = (offset, offset + nbytes)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    return blob + b" " * (-len(blob) % 8), offsets, offset
+
+
 def _reject_duplicates(pairs):
     seen = {}
     for key, value in pairs:

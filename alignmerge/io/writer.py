@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from alignmerge.errors import AlignMergeError, NonFiniteError
-from alignmerge.io.safetensors_file import DTYPE_NAMES
+from alignmerge.io.safetensors_file import layout_header
 
 def shard_crc():
     """(name, update) of the running shard checksum: CRC-32C from the C++ extension (hardware CRC, ~3x
@@ -98,20 +98,12 @@ class ShardedWriter:
         self.shard_tensors: dict[str, list[str]] = {}
         self._layouts = []
         for shard_name, group in zip(self.shard_names, groups):
-            header, offset = {}, 0
-            for t in group:
-                header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                                  "data_offsets": [offset, offset + t.nbytes]}
-                offset += t.nbytes
-            header["__metadata__"] = self.metadata
-            blob = json.dumps(header, separators=(",", ":")).encode()
-            blob += b" " * (-len(blob) % 8)
+            blob, offsets, offset = layout_header([(t.name, t.dtype, tuple(t.shape)) for t in group], self.metadata)
             start = 8 + len(blob)
             path = self.directory / shard_name
             for t in group:
                 rows = t.shape[0] if t.shape else 1
-                self.slots[t.name] = _Slot(path, start + header[t.name]["data_offsets"][0], t.nbytes,
-                                           t.nbytes // rows if rows else 0)
+                self.slots[t.name] = _Slot(path, start + offsets[t.name][0], t.nbytes, t.nbytes // rows if rows else 0)
                 self.shard_of[t.name] = shard_name
             self.shard_tensors[shard_name] = [t.name for t in group]
             self._layouts.append((path, blob, start + offset))
