@@ -32,9 +32,9 @@ from alignmerge.data import (TokenizedSequence, load_records, load_tokenizer, pa
                              tokenize_records)
 from alignmerge.distributed import all_reduce_sum, barrier, distributed_context, rank_slice
 from alignmerge.errors import CheckpointError, ConfigError, DataError
-from alignmerge.io.safetensors_file import layout_header
 from alignmerge.fisher.capture import (SquaredGradCapture, embedding_squared_grads, shared_squared_grads,
                                       supported_parameters)
+from alignmerge.io.safetensors_file import layout_header
 
 KINDS = ("empirical", "true")
 SEED_STRIDE = 1_000_003
