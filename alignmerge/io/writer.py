@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import struct
 import zlib
@@ -75,12 +76,83 @@ class _Slot:
     row_bytes: int
 
 
+class _DirectAppender:
+    """Sequential writes of one shard with O_DIRECT through a page-aligned staging buffer, bypassing the page
+    cache: no page allocation, reclaim or later writeback on the merge's cores. ``open`` returns None where
+    the file system refuses O_DIRECT (tmpfs, some overlays); the writer then uses buffered pwrite."""
+
+    ALIGN = 4096
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._stage = mmap.mmap(-1, WRITE_BLOCK_BYTES)  # page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._stage)
+        self._start = 0  # file offset of the staging buffer's first byte (a multiple of ALIGN)
+        self._fill = 0
+
+    @classmethod
+    def open(cls, path: Path, head: bytes) -> "_DirectAppender | None":
+        """An appender whose next byte is the one after the shard header ``head``, or None."""
+        if not hasattr(os, "O_DIRECT") or len(head) > WRITE_BLOCK_BYTES:
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            return None
+        appender = cls(fd)
+        appender._view[:len(head)] = head
+        appender._fill = len(head)
+        try:  # probe: file systems without O_DIRECT support refuse the first aligned write
+            appender._write(0, cls.ALIGN)
+        except OSError:
+            appender.close()
+            return None
+        return appender
+
+    @property
+    def position(self) -> int:
+        """File offset of the next byte to append."""
+        return self._start + self._fill
+
+    def append(self, block: memoryview) -> None:
+        """Stage ``block`` (the bytes at ``position``), writing out each full staging buffer."""
+        done = 0
+        while done < len(block):
+            n = min(len(block) - done, WRITE_BLOCK_BYTES - self._fill)
+            self._view[self._fill:self._fill + n] = block[done:done + n]
+            self._fill += n
+            done += n
+            if self._fill == WRITE_BLOCK_BYTES:
+                self._write(0, WRITE_BLOCK_BYTES)
+                self._start += WRITE_BLOCK_BYTES
+                self._fill = 0
+
+    def finish(self) -> None:
+        """Write the staged tail, zero-padded to the alignment (the writer truncates the file to size), and close."""
+        if self._fill:
+            padded = -(-self._fill // self.ALIGN) * self.ALIGN
+            self._view[self._fill:padded] = bytes(padded - self._fill)
+            self._write(0, padded)
+        self.close()
+
+    def _write(self, begin: int, end: int) -> None:
+        if os.pwrite(self.fd, self._view[begin:end], self._start + begin) != end - begin:
+            raise OSError(errno.EIO, "short O_DIRECT write")
+
+    def close(self) -> None:
+        self._view.release()
+        self._stage.close()
+        os.close(self.fd)
+
+
 class ShardedWriter:
     """Writes the planned tensors into pre-laid-out safetensors shards inside ``directory``."""
 
     def __init__(self, directory: str | Path, tensors: list[OutputTensor], *, max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, direct: bool = True):
         self.directory = Path(directory)
+        self.direct = direct
+        """Write shards in order with O_DIRECT where the file system allows it (else buffered pwrite)."""
         self.metadata = {"format": "pt", **(metadata or {})}
         groups: list[list[OutputTensor]] = [[]]
         size = 0
@@ -109,6 +181,8 @@ class ShardedWriter:
             self._layouts.append((path, blob, start + offset))
         self.total_bytes = sum(t.nbytes for t in tensors)
         self._fds: dict[Path, int] = {}
+        self._direct: dict[Path, _DirectAppender] = {}
+        self._sizes = {path: size for path, _blob, size in self._layouts}
         self._crc_name, self._crc_update = shard_crc()
         # Running CRC of each shard while it is written front to back (the plan's order), so that
         # completed shards are checksummed for --resume without reading them again.
@@ -141,7 +215,11 @@ class ShardedWriter:
                     ) from None
                 raise AlignMergeError(f"{path}: cannot create the output shard ({exc.strerror or exc})") from None
             head = struct.pack("<Q", len(blob)) + blob
-            self._pwrite(fd, path, head, 0)
+            appender = _DirectAppender.open(path, head) if self.direct else None
+            if appender is not None:
+                self._direct[path] = appender
+            else:
+                self._pwrite(fd, path, head, 0)
             self._crc[path] = (self._crc_update(head, 0), len(head))
 
     def write(self, name: str, tensor: torch.Tensor, row_start: int = 0, *, check_finite: bool = False) -> None:
@@ -161,6 +239,10 @@ class ShardedWriter:
         view = memoryview(data.numpy())
         crc = self._crc.get(slot.file)
         crc = crc if crc is not None and crc[1] == offset else None
+        appender = self._direct.get(slot.file)
+        if appender is not None and appender.position != offset:  # out of order: buffered from here on
+            self._finish_direct(slot.file)
+            appender = None
         step = WRITE_BLOCK_BYTES - WRITE_BLOCK_BYTES % flat.element_size()
         for begin in range(0, len(view), step):
             block = view[begin:begin + step]
@@ -168,21 +250,39 @@ class ShardedWriter:
                 raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
             if crc is not None:
                 crc = (self._crc_update(block, crc[0]), crc[1] + len(block))
-            self._pwrite(self._fds[slot.file], slot.file, block, offset + begin)
+            if appender is not None:
+                self._io(slot.file, appender.append, block)
+            else:
+                self._pwrite(self._fds[slot.file], slot.file, block, offset + begin)
         self._crc[slot.file] = crc
-        if hasattr(os, "posix_fadvise"):  # start writeback now (Linux: asynchronous), so the final fsync is short
+        if appender is None and hasattr(os, "posix_fadvise"):  # start writeback now (Linux: asynchronous)
             os.posix_fadvise(self._fds[slot.file], offset, len(view), os.POSIX_FADV_DONTNEED)
 
-    def _pwrite(self, fd: int, path: Path, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
+    def _finish_direct(self, path: Path) -> None:
+        """Write out a shard's staged O_DIRECT tail and trim the alignment padding off the file."""
+        appender = self._direct.pop(path, None)
+        if appender is not None:
+            self._io(path, appender.finish)
+            self._io(path, os.ftruncate, self._fds[path], self._sizes[path])
+
+    def _io(self, path: Path, call, *args) -> None:
+        """Run an I/O call, turning a full disk or any write failure into an error that names the shard."""
         try:
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+            call(*args)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise AlignMergeError(f"{path}: disk full (or file size limit reached) while writing the output") from None
             raise AlignMergeError(f"{path}: write failed ({exc.strerror or exc})") from None
+
+    def _pwrite(self, fd: int, path: Path, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+
+        def write_all() -> None:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+
+        self._io(path, write_all)
 
     def shard_checksum(self, shard_name: str) -> str:
         """"<algorithm>:<hex>" checksum of a shard file (recorded for --resume): the running one if the
@@ -190,6 +290,7 @@ class ShardedWriter:
         path = self.directory / shard_name
         crc = self._crc.get(path)
         if crc is None or crc[1] != path.stat().st_size:
+            self._finish_direct(path)  # the file must hold every staged byte before it is read back
             value = 0
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 22), b""):
@@ -198,10 +299,15 @@ class ShardedWriter:
         return f"{self._crc_name}:{crc[0]:08x}"
 
     def sync_shard(self, shard_name: str) -> None:
-        os.fsync(self._fds[self.directory / shard_name])
+        """Make a completed shard durable (its O_DIRECT tail written, then fsync)."""
+        path = self.directory / shard_name
+        self._finish_direct(path)
+        os.fsync(self._fds[path])
 
     def close(self) -> None:
-        """fsync and close this writer's shards."""
+        """Finish, fsync and close this writer's shards."""
+        for path in list(self._direct):
+            self._finish_direct(path)
         for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
@@ -214,6 +320,9 @@ class ShardedWriter:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        for appender in self._direct.values():
+            appender.close()
+        self._direct.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
