@@ -18,6 +18,7 @@ import torch
 from alignmerge.errors import NonFiniteError
 from alignmerge.io.writer import ShardedWriter
 from alignmerge.methods import TensorInputs
+from alignmerge.ops import count_nonfinite
 from alignmerge.plan import MergePlan, TensorTask
 
 
@@ -68,6 +69,9 @@ class Executor:
         self.on_progress = on_progress or (lambda n: None)
         self.on_tensor_done = on_tensor_done or (lambda name: None)
         self.pool = BufferPool(pin=self.device.type == "cuda")
+        self.map_inputs = self.device.type == "cpu"
+        """Merge on CPU straight from memory maps of the inputs (no copy out of the page cache); on CUDA
+        inputs are read into pinned buffers for the host-to-device copies."""
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._out_buffers: list[torch.Tensor | None] = [None, None]  # two reused output buffers (uint8)
         self._writes: list[Future | None] = [None, None]  # the pending write of each output buffer
@@ -90,8 +94,13 @@ class Executor:
         rows = None if unit.rows == (0, total_rows) else unit.rows
 
         def read(ck, key: int, check: bool) -> torch.Tensor:
-            nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
             try:
+                mapped = ck.map(task.name, rows=rows) if self.map_inputs else None
+                if mapped is not None:
+                    if check and count_nonfinite(mapped):
+                        raise NonFiniteError(f"{ck.path}: tensor {task.name!r} contains NaN/Inf values")
+                    return mapped
+                nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
                 return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes), check_finite=check)
             except NonFiniteError as exc:
                 raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None

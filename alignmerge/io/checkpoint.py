@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from alignmerge.errors import CheckpointError, NonFiniteError
-from alignmerge.io.safetensors_file import TensorEntry, read_bytes_into, read_header
+from alignmerge.io.safetensors_file import TensorEntry, map_bytes, read_bytes_into, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -166,6 +166,18 @@ class Checkpoint:
         self._raise_nonfinite(name, read_bytes_into(entry, out, byte_begin, byte_end, count_nonfinite=check_finite),
                               entry.file)
         return out[:n].view(entry.dtype).view(shape)
+
+    def map(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Tensor ``name`` (or rows [start, stop)) as a zero-copy view of a memory map of its file, or None
+        where this checkpoint cannot map it (pickle weights, LoRA-merged tensors): use ``read`` then."""
+        if name not in self:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        if self._bin_state is not None:
+            return None
+        entry = self._entries[name]
+        start, stop = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
+        shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+        return map_bytes(entry, start * entry.row_bytes, stop * entry.row_bytes).view(entry.dtype).view(shape)
 
     def _raise_nonfinite(self, name: str, count: int, where: Path | str | None = None) -> None:
         if count:

@@ -143,6 +143,30 @@ def _validate_entry(path: Path, name: str, info, data_start: int, data_len: int)
     return TensorEntry(path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
+def map_bytes(entry: TensorEntry, byte_begin: int = 0, byte_end: int | None = None) -> torch.Tensor:
+    """Bytes [byte_begin, byte_end) of the tensor's data as a uint8 tensor over a private memory map of the
+    file: reads fault page-cache pages in without copying them (writes would stay private, copy-on-write;
+    not MAP_POPULATE, which on a writable private map copies every page). The mapping lives as long as the
+    returned tensor."""
+    import mmap
+
+    byte_end = entry.nbytes if byte_end is None else byte_end
+    n = byte_end - byte_begin
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = entry.begin + byte_begin
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(entry.file, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), start - aligned + n, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        if hasattr(mapped, "madvise"):  # start reading ahead where the file is not in the page cache
+            mapped.madvise(mmap.MADV_WILLNEED)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{entry.file}: cannot map tensor data ({getattr(exc, 'strerror', None) or exc})") from None
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=n, offset=start - aligned)
+
+
 READ_BLOCK_BYTES = 1 << 20
 """pread block: small enough that a block is still in cache when its finiteness is counted."""
 
