@@ -31,6 +31,15 @@ def config_for(method: str, base: Path, experts: list[Path]) -> dict:
     return cfg
 
 
+def warm_page_cache(dirs: list[Path]) -> None:
+    """Read every checkpoint file once, so each tool reads its inputs from the page cache."""
+    for d in dirs:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/alignmerge-bench/merge_vs_mergekit")
@@ -57,6 +66,7 @@ def main() -> None:
     print(f"memory copy rate (read+write): {rate:.1f} GB/s")
     print(f"{'method':<8} {'tool':<11} {'wall s':>8} {'peak RSS GB':>12}")
     for method in args.methods:
+        warm_page_cache([base, *experts])
         cfg_path = work / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, base, experts)))
         results = {}
