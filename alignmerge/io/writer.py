@@ -79,7 +79,8 @@ class _Slot:
 class _DirectAppender:
     """Sequential writes of one shard with O_DIRECT through a page-aligned staging buffer, bypassing the page
     cache: no page allocation, reclaim or later writeback on the merge's cores. ``open`` returns None where
-    the file system refuses O_DIRECT (tmpfs, some overlays); the writer then uses buffered pwrite."""
+    the file system refuses O_DIRECT (older tmpfs, some network and overlay file systems); the writer then uses
+    buffered pwrite."""
 
     ALIGN = 4096
 
@@ -103,7 +104,7 @@ class _DirectAppender:
         appender._view[:len(head)] = head
         appender._fill = len(head)
         try:  # probe: file systems without O_DIRECT support refuse the first aligned write
-            appender._write(0, cls.ALIGN)
+            appender._write(cls.ALIGN)
         except OSError:
             appender.close()
             return None
@@ -123,7 +124,7 @@ class _DirectAppender:
             self._fill += n
             done += n
             if self._fill == WRITE_BLOCK_BYTES:
-                self._write(0, WRITE_BLOCK_BYTES)
+                self._write(WRITE_BLOCK_BYTES)
                 self._start += WRITE_BLOCK_BYTES
                 self._fill = 0
 
@@ -132,11 +133,12 @@ class _DirectAppender:
         if self._fill:
             padded = -(-self._fill // self.ALIGN) * self.ALIGN
             self._view[self._fill:padded] = bytes(padded - self._fill)
-            self._write(0, padded)
+            self._write(padded)
         self.close()
 
-    def _write(self, begin: int, end: int) -> None:
-        if os.pwrite(self.fd, self._view[begin:end], self._start + begin) != end - begin:
+    def _write(self, nbytes: int) -> None:
+        """Write the first ``nbytes`` staged bytes at the staging buffer's file offset."""
+        if os.pwrite(self.fd, self._view[:nbytes], self._start) != nbytes:
             raise OSError(errno.EIO, "short O_DIRECT write")
 
     def close(self) -> None:
