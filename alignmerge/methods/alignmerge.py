@@ -451,7 +451,7 @@ def run_alignmerge(config, out_dir, *, progress: bool = False, **merge_options) 
         round_raw = {**raw, "parameters": {**raw_params, "lambda_align": lambda_align, "diagnostics": str(diag)}}
         if target != out and target.exists():  # a round directory of ours; the output obeys overwrite
             shutil.rmtree(target)
-        merge(load_config(round_raw), target, progress=False, **merge_options)
+        merge(load_config(round_raw), target, progress=progress, **merge_options)
         records = [json.loads(line) for line in diag.read_text(encoding="utf-8").splitlines() if line.strip()]
         diag.unlink(missing_ok=True)
         return records
