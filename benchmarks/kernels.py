@@ -133,6 +133,25 @@ def merge_cases(ctx: Context) -> list[Case]:
     return cases
 
 
+@case
+def check_cases(ctx: Context) -> list[Case]:
+    """The executor's per-byte checks: NaN/Inf count of an input (every backend) and the output shards'
+    running checksum, CRC-32C from the C++ extension against zlib's CRC-32 (the fallback)."""
+    import zlib
+
+    n = ctx.numel
+    base, _ = ctx.inputs(n)
+    cases = [Case("count_nonfinite", be, n, n * ctx.dtype.itemsize,
+                  lambda be=be: ops.count_nonfinite(base, backend=be)) for be in _backends_for(ctx, n)]
+    if ctx.device.type == "cpu":
+        raw = memoryview(base.view(torch.uint8).numpy())
+        cases.append(Case("shard_checksum", "zlib", n, len(raw), lambda: zlib.crc32(raw), "CRC-32 (fallback)"))
+        ext = cpp_extension()
+        if ext is not None:
+            cases.append(Case("shard_checksum", "cpp", n, len(raw), lambda: ext.crc32c(raw), "CRC-32C"))
+    return cases
+
+
 def ties_plain_torch(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], density: float):
     """The plain-torch TIES composition: kthvalue threshold, sign election, masked (disjoint) mean."""
     b = base.float()
