@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from alignmerge.errors import CheckpointError, ConfigError
+from alignmerge.io.checkpoint import Checkpoint
 from alignmerge.io.safetensors_file import read_header
 
 STAT_KINDS = ("fisher", "gram")
@@ -116,8 +117,6 @@ class StatsReader:
         ``like`` covers: the executor merges big tensors in row chunks from flat index
         ``element_offset``."""
         import torch
-
-        from alignmerge.io.checkpoint import Checkpoint
 
         key = str(path)
         if key not in self._files:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from alignmerge.errors import ConfigError
-from alignmerge.methods.base import REQUIRED, MergeMethod, TensorInputs
+from alignmerge.methods.base import REQUIRED, MergeMethod, TensorInputs, append_diagnostics, merged_result
 
 METHODS: dict[str, type[MergeMethod]] = {}
 
@@ -22,7 +22,8 @@ def get_method(name: str) -> type[MergeMethod]:
         ) from None
 
 
-__all__ = ["METHODS", "REQUIRED", "MergeMethod", "TensorInputs", "get_method", "register"]
+__all__ = ["METHODS", "REQUIRED", "MergeMethod", "TensorInputs", "append_diagnostics", "get_method", "merged_result",
+           "register"]
 
 from alignmerge.methods import dare, fisher, linear, task_arithmetic, ties  # noqa: E402,F401
 from alignmerge.methods import regmean  # noqa: E402,F401

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 from alignmerge.errors import AlignMergeError, ConfigError
-from alignmerge.methods import MergeMethod, TensorInputs, register
+from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, merged_result, register
 from alignmerge.methods.fisher import FisherTotals, expert_fisher
 
 REPORT_NAME = "alignmerge_report.json"
@@ -177,15 +177,11 @@ class AlignMerge(MergeMethod):
             anchor_weight=anchor_weight, fisher_floor=float(p["fisher_floor"]), tol=float(p["cg_tol"]),
             max_iter=int(p["cg_max_iter"]), backend=backend, means=means, name=inputs.name, **solve_options)
         if p["diagnostics"] is not None:
-            record = {"name": inputs.name, "shape": list(anchor.shape), "projector": u is not None or v is not None,
-                      "element_offset": inputs.element_offset, **result.stats.as_dict()}
-            with open(p["diagnostics"], "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, default=float) + "\n")
+            append_diagnostics(p["diagnostics"], {
+                "name": inputs.name, "shape": list(anchor.shape), "projector": u is not None or v is not None,
+                "element_offset": inputs.element_offset, **result.stats.as_dict()})
         merged = anchor.to(torch.float32) + result.delta
-        if out is not None:
-            out.copy_(merged)
-            return out
-        return merged.to(out_dtype)
+        return merged_result(merged, out, out_dtype)
 
     # ---- whole merge ------------------------------------------------------------------------------
     @classmethod

@@ -77,3 +77,18 @@ class MergeMethod(ABC):
     def merge(self, inputs: TensorInputs, *, out_dtype: torch.dtype, out: torch.Tensor | None = None,
               backend: str | None = None) -> torch.Tensor:
         """Return the merged tensor for ``inputs`` in ``out_dtype`` (written into ``out`` if given)."""
+
+
+def merged_result(merged: torch.Tensor, out: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """A method's return value: ``merged`` copied into ``out`` when given, else cast to ``out_dtype``."""
+    if out is not None:
+        return out.copy_(merged)
+    return merged.to(out_dtype)
+
+
+def append_diagnostics(path, record: dict) -> None:
+    """Append one JSON line to a method's diagnostics file."""
+    import json
+
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=float) + "\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from alignmerge.errors import ConfigError
-from alignmerge.methods import MergeMethod, TensorInputs, register
+from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, merged_result, register
 
 
 @register
@@ -86,7 +86,4 @@ class RegMean(MergeMethod):
             except torch.linalg.LinAlgError:
                 merged = (torch.linalg.pinv(lhs, hermitian=True) @ rhs).t()
             merged = merged.to(inputs.models[0].device)
-        if out is not None:
-            out.copy_(merged)
-            return out
-        return merged.to(out_dtype)
+        return merged_result(merged, out, out_dtype)

@@ -21,7 +21,7 @@ import json
 import torch
 
 from alignmerge.errors import ConfigError
-from alignmerge.methods import MergeMethod, TensorInputs, register
+from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, merged_result, register
 
 
 def projection_cosine(tau: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None) -> float:
@@ -82,12 +82,8 @@ class SafeMerge(MergeMethod):
             scales.append(s)
             merged.add_(tau, alpha=float(inputs.params[k]["weight"]) * s)
         if p["diagnostics"] is not None:
-            with open(p["diagnostics"], "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"name": inputs.name, "cosines": cosines, "scales": scales}) + "\n")
-        if out is not None:
-            out.copy_(merged)
-            return out
-        return merged.to(out_dtype)
+            append_diagnostics(p["diagnostics"], {"name": inputs.name, "cosines": cosines, "scales": scales})
+        return merged_result(merged, out, out_dtype)
 
     @classmethod
     def prepared(cls, config) -> bool:
