@@ -333,40 +333,70 @@ void gta_merge(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_
 
 // ---------------------------------------------------------------- magnitude selection (TIES)
 // key(i) = fp32 bits of |x_k[i] - b[i]| (monotone in the magnitude). Level 0 histograms key >> 16;
-// level 1 histograms key & 0xffff over the elements whose key >> 16 equals the expert's prefix.
-// Counts are added into hist (int64 [K, 65536]) so calls over row chunks accumulate.
+// level 1 histograms key & 0xffff over the elements whose key >> 16 equals the expert's prefix p.
+// Counts are added into hist (int64 [K, 65536]) so calls over row chunks accumulate. With window
+// (int64 [K, kWindow], level 1 only) each call also adds, per expert, the count of keys whose top half
+// exceeds p + 2 and the counts of top halves p + 2, p + 1, p, p - 1, p - 2: these confirm (or correct)
+// a prefix guessed from a sample without a full level-0 pass.
+constexpr int kWindow = 6;
+constexpr int64_t kSampleTableMin = int64_t{1} << 20;  // smaller samples: one thread, no 64K-bin tables
+constexpr int kReach = 2;  // the window covers prefixes p - kReach .. p + kReach
+
+inline void window_count(uint32_t hi, uint32_t prefix, int64_t* w) {
+  const int64_t d = static_cast<int64_t>(prefix) + kReach - static_cast<int64_t>(hi);  // 0 at p + 2
+  if (d < 0)
+    ++w[0];
+  else if (d <= 2 * kReach)
+    ++w[1 + d];
+}
+
+// With stride > 1 (level 0 only) just every stride-th block of kBlock elements is counted: a sample that
+// reads 1/stride of the memory. Returns the number of elements counted per expert.
 template <int IN>
-void magnitude_histogram_impl(const void* base, const std::vector<const void*>& xs, int64_t n, int level,
-                              const std::vector<uint32_t>& prefixes, int64_t* hist) {
+int64_t magnitude_histogram_impl(const void* base, const std::vector<const void*>& xs, int64_t n, int level,
+                                 const std::vector<uint32_t>& prefixes, int64_t* hist, int64_t* window,
+                                 int64_t stride) {
   const size_t K = xs.size();
-  if (n < kParallelMin) {  // small tensor: count straight into hist, no per-thread tables to clear
+  int64_t counted = 0;
+  for (int64_t s = 0; s < n; s += kBlock)
+    if ((s / kBlock) % stride == 0) counted += std::min(kBlock, n - s);
+  // small tensor, or a sample under kSampleTableMin: count straight into hist, no per-thread tables to clear
+  if (counted < (stride > 1 ? kSampleTableMin : kParallelMin)) {
     for (size_t k = 0; k < K; ++k) {
       const uint32_t prefix = prefixes[k];
       if (prefix == kSkipPrefix) continue;
       int64_t* h = hist + k * kBins;
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t key = magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i));
-        if (level == 0)
-          ++h[key >> 16];
-        else if ((key >> 16) == prefix)
-          ++h[key & 0xffffu];
+      for (int64_t s = 0; s < n; s += kBlock * stride) {
+        for (int64_t i = s; i < std::min(s + kBlock, n); ++i) {
+          const uint32_t key = magnitude_key(Io<IN>::load(xs[k], i) - Io<IN>::load(base, i));
+          if (level == 0) {
+            ++h[key >> 16];
+          } else {
+            if ((key >> 16) == prefix) ++h[key & 0xffffu];
+            if (window != nullptr) window_count(key >> 16, prefix, window + k * kWindow);
+          }
+        }
       }
     }
-    return;
+    return counted;
   }
-  // per-thread uint32 bins: split the range so that no bin can overflow
+  // per-thread uint32 bins (two interleaved tables per expert at level 0): split the range so that no
+  // bin can overflow
+  const size_t tables = level == 0 ? 2 : 1;
   constexpr int64_t kPiece = int64_t{1} << 31;
   for (int64_t p0 = 0; p0 < n; p0 += kPiece) {
     const int64_t pn = std::min(kPiece, n - p0);
     const int64_t nblocks = (pn + kBlock - 1) / kBlock;
 #pragma omp parallel if (pn >= kParallelMin)
     {
-      std::vector<uint32_t> local(2 * K * kBins, 0u);
+      std::vector<uint32_t> local(tables * K * kBins, 0u);
+      std::vector<int64_t> local_window(K * kWindow, 0);
       std::vector<uint32_t> keys(K * kBlock);
       alignas(64) float b[kBlock];
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t s = p0 + blk * kBlock;
+        if ((s / kBlock) % stride != 0) continue;
         const int64_t len = std::min(kBlock, p0 + pn - s);
         load_block<IN>(base, s, len, b);
         for (size_t k = 0; k < K; ++k) {
@@ -387,21 +417,31 @@ void magnitude_histogram_impl(const void* base, const std::vector<const void*>& 
             if (j < len) ++h0[key[j] >> 16];
           } else {
             // compact the low halves of the keys in the prefix's bucket (branch-free), then count them
-            uint32_t* h = local.data() + (2 * k) * kBins;
+            uint32_t* h = local.data() + k * kBins;
+            int64_t* w = window != nullptr ? local_window.data() + k * kWindow : nullptr;
             int64_t m = 0;
             int64_t j = 0;
 #if defined(__AVX512F__)
             const __m512i want = _mm512_set1_epi32(static_cast<int>(prefix));
             const __m512i low = _mm512_set1_epi32(0xffff);
+            const __m512i top = _mm512_set1_epi32(static_cast<int>(prefix) + kReach);
             for (; j + 16 <= len; j += 16) {
               const __m512i v = _mm512_loadu_si512(key + j);
-              const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_maskz_srli_epi32(0xffff, v, 16), want);
+              const __m512i hi = _mm512_srli_epi32(v, 16);
+              const __mmask16 hit = _mm512_cmpeq_epi32_mask(hi, want);
               _mm512_mask_compressstoreu_epi32(key + m, hit, _mm512_and_si512(v, low));
               m += __builtin_popcount(hit);
+              if (w != nullptr) {
+                w[0] += __builtin_popcount(_mm512_cmpgt_epi32_mask(hi, top));
+                for (int d = 0; d <= 2 * kReach; ++d)
+                  w[1 + d] += __builtin_popcount(
+                      _mm512_cmpeq_epi32_mask(hi, _mm512_set1_epi32(static_cast<int>(prefix) + kReach - d)));
+              }
             }
 #endif
             for (; j < len; ++j) {
               const uint32_t v = key[j];
+              if (w != nullptr) window_count(v >> 16, prefix, w);
               key[m] = v & 0xffffu;
               m += (v >> 16) == prefix;
             }
@@ -410,23 +450,36 @@ void magnitude_histogram_impl(const void* base, const std::vector<const void*>& 
         }
       }
 #pragma omp critical
-      for (size_t k = 0; k < K; ++k)
-        for (int i = 0; i < kBins; ++i)
-          hist[k * kBins + i] += local[(2 * k) * kBins + i] + local[(2 * k + 1) * kBins + i];
+      {
+        for (size_t k = 0; k < K; ++k)
+          for (int i = 0; i < kBins; ++i)
+            hist[k * kBins + i] += level == 0 ? local[(2 * k) * kBins + i] + local[(2 * k + 1) * kBins + i]
+                                              : local[k * kBins + i];
+        if (window != nullptr)
+          for (size_t i = 0; i < K * kWindow; ++i) window[i] += local_window[i];
+      }
     }
   }
+  return counted;
 }
 
-void magnitude_histogram(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, int64_t n,
-                         int level, const std::vector<uint32_t>& prefixes, uintptr_t hist_ptr) {
+int64_t magnitude_histogram(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, int64_t n,
+                            int level, const std::vector<uint32_t>& prefixes, uintptr_t hist_ptr, uintptr_t window_ptr,
+                            int64_t stride) {
   if (prefixes.size() != x_ptrs.size()) throw std::invalid_argument("magnitude_histogram: one prefix per expert");
   if (level != 0 && level != 1) throw std::invalid_argument("magnitude_histogram: level must be 0 or 1");
+  if (level == 0 && window_ptr != 0) throw std::invalid_argument("magnitude_histogram: window counts need level 1");
+  if (stride < 1 || (stride > 1 && level != 0))
+    throw std::invalid_argument("magnitude_histogram: a sampling stride >= 1, and > 1 only at level 0");
   const auto xs = as_ptrs(x_ptrs);
   py::gil_scoped_release release;
+  int64_t counted = 0;
   dispatch_in(in_dtype, [&](auto in_c) {
-    magnitude_histogram_impl<decltype(in_c)::value>(reinterpret_cast<const void*>(base_ptr), xs, n, level, prefixes,
-                                                    reinterpret_cast<int64_t*>(hist_ptr));
+    counted = magnitude_histogram_impl<decltype(in_c)::value>(
+        reinterpret_cast<const void*>(base_ptr), xs, n, level, prefixes, reinterpret_cast<int64_t*>(hist_ptr),
+        reinterpret_cast<int64_t*>(window_ptr), stride);
   });
+  return counted;
 }
 
 // For each expert with need_k > 0: count elements whose key equals keys_k, and find the local index just
@@ -563,9 +616,9 @@ void register_merge_ops(py::module_& m) {
         py::arg("normalize"), py::arg("lambda_"), py::arg("apply_lambda"), py::arg("plain_divisor"),
         py::arg("threshold_keys"), py::arg("tie_cutoffs"), py::arg("rng_keys"), py::arg("keep_below"),
         py::arg("rescale"));
-  m.def("magnitude_histogram", &magnitude_histogram, "accumulate |tau| key histograms (level 0: hi16, 1: lo16)",
+  m.def("magnitude_histogram", &magnitude_histogram, "accumulate |tau| key histograms (level 0: hi16, 1: lo16 [+ prefix window counts])",
         py::arg("base_ptr"), py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("level"),
-        py::arg("prefixes"), py::arg("hist_ptr"));
+        py::arg("prefixes"), py::arg("hist_ptr"), py::arg("window_ptr") = 0, py::arg("stride") = 1);
   m.def("magnitude_tie_cutoffs", &magnitude_tie_cutoffs, "count threshold ties and locate the need-th one",
         py::arg("base_ptr"), py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("keys"), py::arg("need"));
   m.def("dare_l1_sums", &dare_l1_sums, "accumulate sum|tau| and sum|kept tau| per expert", py::arg("base_ptr"),

@@ -151,7 +151,7 @@ def test_direct_and_buffered_shards_are_byte_identical(tmp_path, monkeypatch):
     assert len(names) > 1 and direct_files == buffered_files and direct_sums == buffered_sums
     assert torch.equal(load_file(str(tmp_path / "direct" / names[-1]))["t4"], tensors["t4"])
 
-    def refuse(self, nbytes):
+    def refuse(self, which, nbytes, offset):
         raise OSError(22, "Invalid argument")
 
     monkeypatch.setattr(wmod._DirectAppender, "_write", refuse)

@@ -155,6 +155,52 @@ def test_selection_and_ties_compose_over_row_chunks(backend):
     _assert_same(merged, ref.ties_reference(base, xs, [1.0, 0.5, 0.25], density=dens))
 
 
+def _select_over_chunks(base, xs, dens, bounds, backend):
+    """Run a MagnitudeSelection over row chunks; returns (thresholds, the stage of every pass)."""
+    cols = base[0].numel()
+    sel = ops.MagnitudeSelection(base.numel(), dens)
+    stages = []
+    while not sel.done:
+        stages.append(sel.stage)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            sel.update(base[lo:hi], [x[lo:hi] for x in xs], element_offset=lo * cols, backend=backend)
+        sel.finish_pass()
+    return sel.thresholds(), stages
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_selection_is_exact_even_when_the_sample_misleads(backend, monkeypatch):
+    """Large tensors guess the level-0 bucket from every 16th element; the level-1 window counts confirm it,
+    move to a neighbouring bucket, or fall back to the full level-0 pass. Every route gives the exact top-k."""
+    from alignmerge.ops import merge as merge_ops
+
+    monkeypatch.setattr(merge_ops, "SAMPLE_MIN_NUMEL", 1)
+    rows, cols = 301, 16  # offsets of odd chunks do not start at multiples of the stride
+    bounds = [0, 3, 150, 257, rows]
+    for dtype in (torch.bfloat16, torch.float32):
+        base, xs = _inputs((rows, cols - 1), 3, dtype, seed=11, noise=0.003)
+        dens = [0.4, 0.11, 0.75]
+        before = [x.clone() for x in xs]
+        got, stages = _select_over_chunks(base, xs, dens, [0, 3, 150, 257, rows], backend)
+        assert all(torch.equal(x, b) for x, b in zip(xs, before))  # inputs are read, never written
+        assert got == ops.magnitude_thresholds(base, xs, dens, backend="torch") and stages[0] == -1
+        for x, key, cut, d in zip(xs, got.keys, got.cutoffs, dens):
+            assert (key, cut) == ref.magnitude_threshold_reference(base, x, d)
+    # the sampled blocks (flat index // SAMPLE_BLOCK % SAMPLE_STRIDE == 0) one bucket above the rest: the guess
+    # moves down one bucket; far above (x4): it is outside the window and the full level-0 pass runs
+    g = torch.Generator().manual_seed(5)
+    rest = 1.0 + 0.007 * torch.rand((rows, cols), generator=g)  # top 16 key bits 0x3f80
+    index = torch.arange(rows * cols).view(rows, cols)
+    sampled = index // merge_ops.SAMPLE_BLOCK % merge_ops.SAMPLE_STRIDE == 0
+    for scale, route in [(1.0079, [-1, 1, 1]), (4.0, [-1, 1, 0, 1])]:
+        x = torch.where(sampled, rest * scale, rest)
+        base = torch.zeros_like(x)
+        got, stages = _select_over_chunks(base, [x], [0.5], [0, rows], backend)
+        assert (got.keys[0], got.cutoffs[0]) == ref.magnitude_threshold_reference(base, x, 0.5)
+        if backend != "triton":  # Triton's first pass is a full level-0 histogram
+            assert stages[:len(route)] == route
+
+
 def test_selection_rejects_missing_or_unordered_chunks():
     base, xs = _inputs((40, 5), 1, torch.bfloat16, noise=0.002)
     sel = ops.MagnitudeSelection(base.numel(), [0.5])

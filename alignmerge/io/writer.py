@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,18 +78,22 @@ class _Slot:
 
 
 class _DirectAppender:
-    """Sequential writes of one shard with O_DIRECT through a page-aligned staging buffer, bypassing the page
-    cache: no page allocation, reclaim or later writeback on the merge's cores. ``open`` returns None where
-    the file system refuses O_DIRECT (older tmpfs, some network and overlay file systems); the writer then uses
-    buffered pwrite."""
+    """Sequential writes of one shard with O_DIRECT through two page-aligned staging buffers, bypassing the page
+    cache: no page allocation, reclaim or later writeback on the merge's cores. A full buffer is written by an
+    I/O thread while the caller fills the other, so the disk never waits for the copy, check and checksum of
+    the next block. ``open`` returns None where the file system refuses O_DIRECT (older tmpfs, some network and
+    overlay file systems); the writer then uses buffered pwrite."""
 
     ALIGN = 4096
 
     def __init__(self, fd: int):
         self.fd = fd
-        self._stage = mmap.mmap(-1, WRITE_BLOCK_BYTES)  # page-aligned, as O_DIRECT needs
-        self._view = memoryview(self._stage)
-        self._start = 0  # file offset of the staging buffer's first byte (a multiple of ALIGN)
+        self._stages = [mmap.mmap(-1, WRITE_BLOCK_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+        self._views = [memoryview(stage) for stage in self._stages]
+        self._pending: list[Future | None] = [None, None]  # the write in flight from each staging buffer
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignmerge-odirect")
+        self._current = 0
+        self._start = 0  # file offset of the current staging buffer's first byte (a multiple of ALIGN)
         self._fill = 0
 
     @classmethod
@@ -101,10 +106,10 @@ class _DirectAppender:
         except OSError:
             return None
         appender = cls(fd)
-        appender._view[:len(head)] = head
+        appender._views[0][:len(head)] = head
         appender._fill = len(head)
         try:  # probe: file systems without O_DIRECT support refuse the first aligned write
-            appender._write(cls.ALIGN)
+            appender._write(0, cls.ALIGN, 0)
         except OSError:
             appender.close()
             return None
@@ -116,34 +121,50 @@ class _DirectAppender:
         return self._start + self._fill
 
     def append(self, block: memoryview) -> None:
-        """Stage ``block`` (the bytes at ``position``), writing out each full staging buffer."""
+        """Stage ``block`` (the bytes at ``position``), handing each full staging buffer to the I/O thread."""
         done = 0
         while done < len(block):
             n = min(len(block) - done, WRITE_BLOCK_BYTES - self._fill)
-            self._view[self._fill:self._fill + n] = block[done:done + n]
+            self._views[self._current][self._fill:self._fill + n] = block[done:done + n]
             self._fill += n
             done += n
             if self._fill == WRITE_BLOCK_BYTES:
-                self._write(WRITE_BLOCK_BYTES)
+                self._pending[self._current] = self._io.submit(self._write, self._current, WRITE_BLOCK_BYTES,
+                                                               self._start)
+                self._current ^= 1
                 self._start += WRITE_BLOCK_BYTES
                 self._fill = 0
+                self._wait(self._current)  # the other buffer is refilled only once its write is done
 
     def finish(self) -> None:
         """Write the staged tail, zero-padded to the alignment (the writer truncates the file to size), and close."""
-        if self._fill:
-            padded = -(-self._fill // self.ALIGN) * self.ALIGN
-            self._view[self._fill:padded] = bytes(padded - self._fill)
-            self._write(padded)
-        self.close()
+        try:
+            for which in (0, 1):
+                self._wait(which)
+            if self._fill:
+                padded = -(-self._fill // self.ALIGN) * self.ALIGN
+                self._views[self._current][self._fill:padded] = bytes(padded - self._fill)
+                self._write(self._current, padded, self._start)
+        finally:
+            self.close()
 
-    def _write(self, nbytes: int) -> None:
-        """Write the first ``nbytes`` staged bytes at the staging buffer's file offset."""
-        if os.pwrite(self.fd, self._view[:nbytes], self._start) != nbytes:
+    def _wait(self, which: int) -> None:
+        """Wait for the write from staging buffer ``which``; its OSError is raised here."""
+        pending, self._pending[which] = self._pending[which], None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, which: int, nbytes: int, offset: int) -> None:
+        """Write the first ``nbytes`` of staging buffer ``which`` at file offset ``offset``."""
+        if os.pwrite(self.fd, self._views[which][:nbytes], offset) != nbytes:
             raise OSError(errno.EIO, "short O_DIRECT write")
 
     def close(self) -> None:
-        self._view.release()
-        self._stage.close()
+        """Close without writing what is staged (after ``finish``, or to abandon the shard)."""
+        self._io.shutdown(wait=True)
+        for view, stage in zip(self._views, self._stages):
+            view.release()
+            stage.close()
         os.close(self.fd)
 
 

@@ -223,13 +223,28 @@ class MagnitudeThresholds:
         return torch.tensor(out, dtype=torch.float32)
 
 
+_SAMPLE, _LEVEL0, _LEVEL1, _TIES, _DONE = -1, 0, 1, 2, 3  # MagnitudeSelection passes, in order
+SAMPLE_BLOCK, SAMPLE_STRIDE = 256, 16
+"""The sampled pass reads every SAMPLE_STRIDE-th block of SAMPLE_BLOCK elements of each chunk (contiguous
+blocks: a strided element sample would touch every cache line; the C++ kernel's block, csrc kBlock)."""
+SAMPLE_MIN_NUMEL = 1 << 20
+"""Tensors from this size on start with the sampled pass instead of a full level-0 histogram."""
+_REACH = 2  # the level-1 window counts prefixes p - 2 .. p + 2 (csrc/merge_ops.cpp kReach)
+
+
 class MagnitudeSelection:
     """Exact per-expert k-th largest |x_k - base| by a two-level radix select, composable over chunks.
 
-    Pass 1 histograms the top 16 bits of the fp32 magnitude bits, pass 2 the low 16 bits inside the
-    chosen top-level bucket: this gives the exact threshold and how many of the elements equal to it
-    belong to the top k. Only if that is fewer than all of them, pass 3 finds the index of the last
-    tie to keep (chunks must then come in ascending ``element_offset`` order). Usage::
+    key = fp32 bits of |x_k - base|. Level 0 histograms the top 16 bits, level 1 the low 16 bits inside the
+    chosen top-level bucket (prefix): this gives the exact threshold and how many of the elements equal to it
+    belong to the top k. Only if that is fewer than all of them, a tie pass finds the index of the last tie
+    to keep (chunks must then come in ascending ``element_offset`` order).
+
+    Large tensors (``SAMPLE_MIN_NUMEL``, C++ and torch backends) skip the full level-0 pass: the prefix is
+    guessed from a histogram of every ``SAMPLE_STRIDE``-th block of ``SAMPLE_BLOCK`` elements, and the level-1 pass also counts the
+    elements above and around the guess (prefixes p ± 2). If those exact counts put the k-th key in another
+    bucket of the window, one more level-1 pass takes that bucket; outside the window, a full level-0 pass
+    follows. The result is exact either way. Usage::
 
         sel = MagnitudeSelection(numel, densities)
         while not sel.done:
@@ -247,26 +262,35 @@ class MagnitudeSelection:
             raise ValueError("MagnitudeSelection: need at least one density")
         self._keys: list[int | None] = [None] * k
         self._cutoffs: list[int | None] = [None] * k
-        self._prefix = [_SKIP_PREFIX] * k
-        self._rank = [0] * k       # rank of the threshold inside the current bucket (1-based)
-        self._need = [0] * k       # ties still to find in pass 3
+        self._phase = [_DONE] * k   # the pass each expert waits for
+        self._prefix = [0] * k
+        self._rank = [0] * k        # rank of the threshold inside the current bucket (1-based)
+        self._guessed = [False] * k  # prefix guessed from the sample: the level-1 window must confirm it
+        self._need = [0] * k        # ties still to find in the tie pass
+        first = _SAMPLE if self.numel >= SAMPLE_MIN_NUMEL else _LEVEL0
         for e, keep in enumerate(self.keep_counts):
             if keep == self.numel:
                 self._keys[e], self._cutoffs[e] = 0, KEEP_ALL_TIES
             elif keep == 0:
                 self._keys[e], self._cutoffs[e] = KEEP_NONE_KEY, 0
             else:
-                self._prefix[e] = 0  # undecided: histogram it in pass 1
-                self._rank[e] = keep
-        self.stage = 0 if any(c is None for c in self._cutoffs) else 3
+                self._phase[e], self._rank[e] = first, keep
         # numpy allocation: torch.zeros of these 1.5 MB costs milliseconds per call on a busy machine
         self._hist = torch.from_numpy(np.zeros((k, _BINS), dtype=np.int64))
+        self._window = torch.from_numpy(np.zeros((k, 2 * _REACH + 2), dtype=np.int64))
+        self._sampled = 0      # elements seen by the sampled pass
+        self._sample_exact = False  # the sampled pass ran as a full level-0 pass (Triton)
         self._seen = 0
         self._next_offset = 0
 
     @property
+    def stage(self) -> int:
+        """The next pass: -1 sampled, 0 level-0, 1 level-1, 2 ties, 3 done."""
+        return min(self._phase)
+
+    @property
     def done(self) -> bool:
-        return self.stage == 3
+        return self.stage == _DONE
 
     def update(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], *, element_offset: int = 0,
                backend: str | None = None) -> None:
@@ -286,16 +310,35 @@ class MagnitudeSelection:
         chosen = choose_backend(base, backend)
         b = _flat(base)
         flat = [_flat(t) for t in tensors]
-        if self.stage in (0, 1):
-            level = self.stage
-            if level == 0:
-                prefixes = [0 if c is None else _SKIP_PREFIX for c in self._cutoffs]
-            else:
-                prefixes = [p if c is None else _SKIP_PREFIX for p, c in zip(self._prefix, self._cutoffs)]
+        stage = self.stage
+        active = [phase == stage for phase in self._phase]
+        if stage == _SAMPLE and chosen != "triton":
+            if chosen == "cpp":
+                self._sampled += cpp_extension().magnitude_histogram(
+                    b.data_ptr(), _ptrs(flat), dtype_code(base), n, 0, [0 if a else _SKIP_PREFIX for a in active],
+                    self._hist.data_ptr(), 0, SAMPLE_STRIDE)
+                return
+            whole = n - n % SAMPLE_BLOCK  # every SAMPLE_STRIDE-th block of this chunk: 1/16 of its memory
+            sample_b = b[:whole].view(-1, SAMPLE_BLOCK)[::SAMPLE_STRIDE].float()
+            self._sampled += sample_b.numel()
+            for e, x in enumerate(flat):
+                if active[e] and whole:  # top halves of the keys (magnitude_keys_reference) of the sample
+                    top = x[:whole].view(-1, SAMPLE_BLOCK)[::SAMPLE_STRIDE].float() - sample_b  # never in place
+                    top = top.view(torch.int32).bitwise_right_shift_(16).bitwise_and_(0x7FFF)
+                    self._hist[e] += torch.bincount(top.view(-1), minlength=_BINS).cpu()
+            return
+        if stage in (_SAMPLE, _LEVEL0, _LEVEL1):
+            # Triton has no window counts: its "sampled" pass is a full level-0 pass
+            self._sample_exact = stage == _SAMPLE
+            level = 1 if stage == _LEVEL1 else 0
+            prefixes = [(self._prefix[e] if level else 0) if active[e] else _SKIP_PREFIX for e in range(len(flat))]
+            window = level == 1 and any(g for g, a in zip(self._guessed, active) if a)
             if chosen == "cpp":
                 cpp_extension().magnitude_histogram(b.data_ptr(), _ptrs(flat), dtype_code(base), n, level, prefixes,
-                                                    self._hist.data_ptr())
+                                                    self._hist.data_ptr(), self._window.data_ptr() if window else 0)
             elif chosen == "triton":
+                if window:
+                    raise RuntimeError(f"{op}: the Triton backend cannot confirm a sampled prefix")
                 _triton_module("ties").magnitude_histogram_triton(
                     b, flat, level, [-1 if p == _SKIP_PREFIX else p for p in prefixes], self._hist)
             else:
@@ -303,19 +346,25 @@ class MagnitudeSelection:
                     if prefixes[e] == _SKIP_PREFIX:
                         continue
                     keys = ref.magnitude_keys_reference(b, x)
+                    hi = keys >> 16
                     if level == 0:
-                        bins = keys >> 16
+                        bins = hi
                     else:
-                        bins = keys[(keys >> 16) == prefixes[e]] & 0xFFFF
+                        bins = keys[hi == prefixes[e]] & 0xFFFF
+                        if window:
+                            top = prefixes[e] + _REACH
+                            self._window[e, 0] += int((hi > top).sum())
+                            for d in range(2 * _REACH + 1):
+                                self._window[e, 1 + d] += int((hi == top - d).sum())
                     self._hist[e] += torch.bincount(bins.cpu(), minlength=_BINS)
             return
-        # pass 3: locate the need-th tie, chunks in order
+        # tie pass: locate the need-th tie, chunks in order
         if element_offset != self._next_offset:
             raise ValueError(f"{op}: the tie pass needs chunks in order; expected element_offset "
                              f"{self._next_offset}, got {element_offset}")
         self._next_offset = element_offset + n
         keys = [int(k) if k is not None else 0 for k in self._keys]
-        need = [self._need[e] if self._cutoffs[e] is None else 0 for e in range(len(keys))]
+        need = [self._need[e] if active[e] else 0 for e in range(len(keys))]
         if chosen == "cpp":
             counts, local = cpp_extension().magnitude_tie_cutoffs(b.data_ptr(), _ptrs(flat), dtype_code(base), n,
                                                                   keys, need)
@@ -329,7 +378,7 @@ class MagnitudeSelection:
                 local.append(int(torch.nonzero(eq)[need[e] - 1, 0]) + 1
                              if need[e] > 0 and counts[-1] >= need[e] else -1)
         for e in range(len(keys)):
-            if need[e] <= 0:
+            if need[e] <= 0 or self._cutoffs[e] is not None:
                 continue
             if local[e] >= 0:
                 self._cutoffs[e] = element_offset + int(local[e])
@@ -343,35 +392,67 @@ class MagnitudeSelection:
         if self._seen != self.numel:
             raise ValueError(f"MagnitudeSelection.finish_pass: this pass saw {self._seen} of {self.numel} elements")
         self._seen = 0
-        undecided = [e for e, c in enumerate(self._cutoffs) if c is None]
-        if self.stage in (0, 1):
-            hists = self._hist.numpy()  # numpy: single-threaded, no thread-pool wake-ups for 64K bins
-            for e in undecided:
-                hist = hists[e]
-                from_top = np.cumsum(hist[::-1])               # count of elements in bins >= 65535 - j
-                j = int(np.searchsorted(from_top, self._rank[e]))
-                bin_ = _BINS - 1 - j
-                above = int(from_top[j]) - int(hist[bin_])
-                rank = self._rank[e] - above
-                if self.stage == 0:
-                    self._prefix[e], self._rank[e] = bin_, rank
-                else:
-                    key = (self._prefix[e] << 16) | bin_
-                    self._keys[e] = key
-                    if rank == int(hist[bin_]):
-                        self._cutoffs[e] = KEEP_ALL_TIES
-                    else:
-                        self._need[e] = rank
-            hists.fill(0)
-            if self.stage == 0:
-                self.stage = 1
-            else:
-                self.stage = 2 if any(c is None for c in self._cutoffs) else 3
-                self._next_offset = 0
+        stage = self.stage
+        active = [e for e, phase in enumerate(self._phase) if phase == stage]
+        if stage == _TIES:
+            if any(self._cutoffs[e] is None for e in active):
+                raise RuntimeError("MagnitudeSelection.finish_pass: tie pass ended without finding every cutoff")
+            for e in active:
+                self._phase[e] = _DONE
             return
-        if undecided:
-            raise RuntimeError("MagnitudeSelection.finish_pass: tie pass ended without finding every cutoff")
-        self.stage = 3
+        hists = self._hist.numpy()  # numpy: single-threaded, no thread-pool wake-ups for 64K bins
+        windows = self._window.numpy()
+        for e in active:
+            if stage == _SAMPLE and not self._sample_exact and self._sampled == 0:  # chunks under one block
+                self._phase[e] = _LEVEL0
+            elif stage == _SAMPLE and not self._sample_exact:
+                # the bucket holding the k-th largest sampled key, at the sample's rank
+                rank = min(max(1, round(self.keep_counts[e] * self._sampled / self.numel)), max(1, self._sampled))
+                self._prefix[e] = self._bucket_at(hists[e], rank)[0]
+                self._guessed[e], self._phase[e] = True, _LEVEL1
+            elif stage in (_SAMPLE, _LEVEL0):
+                self._prefix[e], self._rank[e] = self._bucket_at(hists[e], self._rank[e])
+                self._phase[e] = _LEVEL1
+            elif not self._guessed[e] or self._confirm(e, windows[e]):
+                self._resolve_low(e, hists[e])
+        hists.fill(0)
+        windows.fill(0)
+        self._sampled = 0
+        if self.stage == _TIES:
+            self._next_offset = 0
+
+    @staticmethod
+    def _bucket_at(hist: np.ndarray, rank: int) -> tuple[int, int]:
+        """(bin, rank inside it) of the rank-th largest element counted in ``hist``."""
+        from_top = np.cumsum(hist[::-1])               # count of elements in bins >= 65535 - j
+        j = int(np.searchsorted(from_top, rank))
+        bin_ = _BINS - 1 - min(j, _BINS - 1)
+        return bin_, rank - (int(from_top[j]) - int(hist[bin_]) if j < _BINS else 0)
+
+    def _confirm(self, e: int, window: np.ndarray) -> bool:
+        """After a level-1 pass on a guessed prefix, from the exact window counts: True if the k-th key is in
+        that bucket; else the expert goes on to a level-1 pass on the right bucket of the window, or to the
+        full level-0 pass if it lies outside."""
+        self._guessed[e] = False
+        above = int(window[0])
+        for d in range(2 * _REACH + 1 if above < self.keep_counts[e] else 0):
+            count = int(window[1 + d])
+            if above + count >= self.keep_counts[e]:
+                self._rank[e] = self.keep_counts[e] - above
+                prefix, self._prefix[e] = self._prefix[e], self._prefix[e] + _REACH - d
+                return prefix == self._prefix[e]
+            above += count
+        self._phase[e], self._rank[e] = _LEVEL0, self.keep_counts[e]
+        return False
+
+    def _resolve_low(self, e: int, hist: np.ndarray) -> None:
+        """After a level-1 pass on the right bucket: the exact key and how many of its ties to keep."""
+        bin_, rank = self._bucket_at(hist, self._rank[e])
+        self._keys[e] = (self._prefix[e] << 16) | bin_
+        if rank == int(hist[bin_]):
+            self._cutoffs[e], self._phase[e] = KEEP_ALL_TIES, _DONE
+        else:
+            self._need[e], self._phase[e] = rank, _TIES
 
     def thresholds(self) -> MagnitudeThresholds:
         if not self.done:
