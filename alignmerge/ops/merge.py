@@ -336,9 +336,7 @@ class MagnitudeSelection:
             if chosen == "cpp":
                 cpp_extension().magnitude_histogram(b.data_ptr(), _ptrs(flat), dtype_code(base), n, level, prefixes,
                                                     self._hist.data_ptr(), self._window.data_ptr() if window else 0)
-            elif chosen == "triton":
-                if window:
-                    raise RuntimeError(f"{op}: the Triton backend cannot confirm a sampled prefix")
+            elif chosen == "triton":  # no window counts: a guessed prefix then falls back to the full pass
                 _triton_module("ties").magnitude_histogram_triton(
                     b, flat, level, [-1 if p == _SKIP_PREFIX else p for p in prefixes], self._hist)
             else:
