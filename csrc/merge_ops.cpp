@@ -28,7 +28,7 @@
 
 namespace py = pybind11;
 
-// GCC tunes -march=native AVX-512 code for 256-bit vectors; the kernels below (64-bit hash multiplies,
+// GCC tunes -march=native AVX-512 code for 256-bit vectors; the kernels below (the DARE hash,
 // bf16 widening) run faster with full 512-bit vectors.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
 #pragma GCC push_options
@@ -43,7 +43,7 @@ constexpr int64_t kBlock = 256;
 constexpr int64_t kParallelMin = 1 << 15;  // smaller tensors run on one thread (no wake-ups, one histogram)
 constexpr int kBins = 1 << 16;
 constexpr uint32_t kSkipPrefix = 0xffffffffu;
-constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // splitmix64 increment
+constexpr uint32_t kWeyl32 = 0x9E3779B9u;  // golden-ratio multiplier that spreads consecutive indices
 
 // ---------------------------------------------------------------- storage access
 template <int DT>
@@ -114,11 +114,43 @@ inline uint32_t magnitude_key(float d) {
   return u & 0x7fffffffu;
 }
 
-// splitmix64 finaliser; element gi of stream `key` is mix64(key + (gi + 1) * kGamma).
-inline uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
+// murmur3's 32-bit finaliser (a bijection with full avalanche).
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// DARE stream: element i of the stream with 64-bit key K is
+//   uniform32(i) = fmix32(lo32(i) * W + page_key(K, hi32(i))),  page_key(K, p) = lo32(K) ^ fmix32(hi32(K) ^ fmix32(p)).
+// All 32-bit lanes (16 per AVX-512 vector, three vpmulld), so the drop mask costs less than the loads.
+inline uint32_t dare_page_key(uint64_t key, uint32_t page) {
+  return static_cast<uint32_t>(key) ^ fmix32(static_cast<uint32_t>(key >> 32) ^ fmix32(page));
+}
+
+inline uint32_t dare_uniform32(uint64_t key, uint64_t gi) {
+  return fmix32(static_cast<uint32_t>(gi) * kWeyl32 + dare_page_key(key, static_cast<uint32_t>(gi >> 32)));
+}
+
+// keep[j] = 1 if uniform32(g0 + j) < below else 0 (below = 2^32 keeps all), for one block.
+inline void dare_keep_block(uint64_t key, uint64_t below, int64_t g0, int64_t len, float* __restrict keep) {
+  const bool all = below > 0xFFFFFFFFull;
+  const uint32_t below32 = all ? 0xFFFFFFFFu : static_cast<uint32_t>(below);
+  const uint64_t first = static_cast<uint64_t>(g0);
+  const uint64_t last = first + static_cast<uint64_t>(len) - 1;
+  const int32_t n32 = static_cast<int32_t>(len);
+  if ((first >> 32) == (last >> 32)) {  // one page: the key is a loop constant
+    const uint32_t page_key = dare_page_key(key, static_cast<uint32_t>(first >> 32));
+    const uint32_t lo0 = static_cast<uint32_t>(first);
+    for (int32_t j = 0; j < n32; ++j) {
+      const uint32_t u = fmix32((lo0 + static_cast<uint32_t>(j)) * kWeyl32 + page_key);
+      keep[j] = (all | (u < below32)) ? 1.0f : 0.0f;
+    }
+  } else {
+    for (int32_t j = 0; j < n32; ++j) keep[j] = (all | (dare_uniform32(key, first + j) < below32)) ? 1.0f : 0.0f;
+  }
 }
 
 // 1 if sign(wd) equals the elected sign (+ when vote >= 0, else -), 0 otherwise (also for wd == 0).
@@ -127,8 +159,6 @@ inline float agree_mask(float vote, float wd) {
   const bool agrees = (positive & (wd > 0.0f)) | (!positive & (wd < 0.0f));
   return agrees ? 1.0f : 0.0f;
 }
-
-inline uint64_t dare_uniform32(uint64_t key, uint64_t gi) { return mix64(key + (gi + 1) * kGamma) >> 32; }
 
 std::vector<const void*> as_ptrs(const std::vector<uintptr_t>& v) {
   std::vector<const void*> out(v.size());
@@ -200,6 +230,75 @@ struct GtaParams {
 //              mixed = sum_k wd_k m_k; div = sum_k w_k m_k (0 -> 1)
 //   otherwise: mixed = sum_k wd_k; div = plain_divisor
 //   normalize: mixed /= div;  lambda != 1: mixed *= lambda;  out = b + mixed
+// The combine step for one block: mixed = b + [lambda *] (sum_k wd_k m_k [/ div]). KK > 0 is the expert count
+// known at compile time: one loop over the block, every expert in registers. KK == 0 runs any count
+// with one loop per expert (vote and div in `scratch`). Both keep the fp32 operation order above.
+template <int KK>
+void gta_combine(const float* wd_all, const float* b, int64_t len, const GtaParams& p, float* mixed,
+                 float* scratch) {
+  const float* w = p.weights.data();
+  const bool normalize = p.normalize, apply_lambda = p.apply_lambda;
+  const float lambda = p.lambda, plain_divisor = p.plain_divisor;
+  if constexpr (KK > 0) {
+    float wk[KK];
+    for (int k = 0; k < KK; ++k) wk[k] = w[k];
+    if (p.consensus) {
+      for (int64_t j = 0; j < len; ++j) {
+        float vote = wd_all[j];
+        for (int k = 1; k < KK; ++k) vote = vote + wd_all[k * kBlock + j];
+        float m = agree_mask(vote, wd_all[j]);
+        float mix = wd_all[j] * m;
+        float div = wk[0] * m;
+        for (int k = 1; k < KK; ++k) {
+          const float wdk = wd_all[k * kBlock + j];
+          m = agree_mask(vote, wdk);
+          mix = mix + wdk * m;
+          div = div + wk[k] * m;
+        }
+        div = div == 0.0f ? 1.0f : div;
+        if (normalize) mix = mix / div;
+        if (apply_lambda) mix = mix * lambda;
+        mixed[j] = b[j] + mix;
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        float mix = wd_all[j];
+        for (int k = 1; k < KK; ++k) mix = mix + wd_all[k * kBlock + j];
+        if (normalize) mix = mix / plain_divisor;
+        if (apply_lambda) mix = mix * lambda;
+        mixed[j] = b[j] + mix;
+      }
+    }
+  } else {
+    const size_t K = p.weights.size();
+    float* vote = scratch;
+    float* div = scratch + kBlock;
+    for (int64_t j = 0; j < len; ++j) mixed[j] = wd_all[j];
+    for (size_t k = 1; k < K; ++k)
+      for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] + wd_all[k * kBlock + j];
+    if (p.consensus) {
+      for (int64_t j = 0; j < len; ++j) vote[j] = mixed[j];
+      for (size_t k = 0; k < K; ++k) {
+        const float* wd = wd_all + k * kBlock;
+        for (int64_t j = 0; j < len; ++j) {
+          const float m = agree_mask(vote[j], wd[j]);
+          mixed[j] = k == 0 ? wd[j] * m : mixed[j] + wd[j] * m;
+          div[j] = k == 0 ? w[k] * m : div[j] + w[k] * m;
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
+    } else {
+      for (int64_t j = 0; j < len; ++j) div[j] = plain_divisor;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      float mix = mixed[j];
+      if (normalize) mix = mix / div[j];
+      if (apply_lambda) mix = mix * lambda;
+      mixed[j] = b[j] + mix;
+    }
+  }
+}
+
 template <int IN, int OUT>
 void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
@@ -209,8 +308,8 @@ void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, i
     std::vector<float> wd_buf(K * kBlock);
     alignas(64) float b[kBlock];
     alignas(64) float mixed[kBlock];
-    alignas(64) float div[kBlock];
-    alignas(64) float vote[kBlock];
+    alignas(64) float keep[kBlock];
+    alignas(64) float scratch[2 * kBlock];
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t s = blk * kBlock;
@@ -233,65 +332,24 @@ void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, i
             wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
           }
         } else if (p.sparsify == kRandom) {
-          const uint64_t rk = p.rng_keys[k];
-          const uint64_t below = p.keep_below[k];
+          dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, keep);
           const float r = p.rescale[k];
           if (r != 1.0f) {
-            for (int64_t j = 0; j < len; ++j) {
-              const float d = Io<IN>::load(x, s + j) - b[j];
-              const bool keep = dare_uniform32(rk, static_cast<uint64_t>(g0 + j)) < below;
-              wd[j] = ((d * (keep ? 1.0f : 0.0f)) * r) * wk;
-            }
+            for (int64_t j = 0; j < len; ++j) wd[j] = (((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * r) * wk;
           } else {
-            for (int64_t j = 0; j < len; ++j) {
-              const float d = Io<IN>::load(x, s + j) - b[j];
-              const bool keep = dare_uniform32(rk, static_cast<uint64_t>(g0 + j)) < below;
-              wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
-            }
+            for (int64_t j = 0; j < len; ++j) wd[j] = ((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * wk;
           }
         } else {
           for (int64_t j = 0; j < len; ++j) wd[j] = (Io<IN>::load(x, s + j) - b[j]) * wk;
         }
       }
-      if (p.consensus) {
-        const float* wd0 = wd_buf.data();
-        for (int64_t j = 0; j < len; ++j) vote[j] = wd0[j];
-        for (size_t k = 1; k < K; ++k) {
-          const float* wd = wd_buf.data() + k * kBlock;
-          for (int64_t j = 0; j < len; ++j) vote[j] = vote[j] + wd[j];
-        }
-        for (size_t k = 0; k < K; ++k) {
-          const float* wd = wd_buf.data() + k * kBlock;
-          const float wk = p.weights[k];
-          if (k == 0) {
-            for (int64_t j = 0; j < len; ++j) {
-              const float m = agree_mask(vote[j], wd[j]);
-              mixed[j] = wd[j] * m;
-              div[j] = wk * m;
-            }
-          } else {
-            for (int64_t j = 0; j < len; ++j) {
-              const float m = agree_mask(vote[j], wd[j]);
-              mixed[j] = mixed[j] + wd[j] * m;
-              div[j] = div[j] + wk * m;
-            }
-          }
-        }
-        for (int64_t j = 0; j < len; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
-      } else {
-        const float* wd0 = wd_buf.data();
-        for (int64_t j = 0; j < len; ++j) mixed[j] = wd0[j];
-        for (size_t k = 1; k < K; ++k) {
-          const float* wd = wd_buf.data() + k * kBlock;
-          for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] + wd[j];
-        }
-        for (int64_t j = 0; j < len; ++j) div[j] = p.plain_divisor;
+      switch (K) {
+        case 1: gta_combine<1>(wd_buf.data(), b, len, p, mixed, scratch); break;
+        case 2: gta_combine<2>(wd_buf.data(), b, len, p, mixed, scratch); break;
+        case 3: gta_combine<3>(wd_buf.data(), b, len, p, mixed, scratch); break;
+        case 4: gta_combine<4>(wd_buf.data(), b, len, p, mixed, scratch); break;
+        default: gta_combine<0>(wd_buf.data(), b, len, p, mixed, scratch);
       }
-      if (p.normalize)
-        for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] / div[j];
-      if (p.apply_lambda)
-        for (int64_t j = 0; j < len; ++j) mixed[j] = mixed[j] * p.lambda;
-      for (int64_t j = 0; j < len; ++j) mixed[j] = b[j] + mixed[j];
       store_block<OUT>(out, s, len, mixed);
     }
   }
@@ -561,6 +619,7 @@ void dare_l1_sums_impl(const void* base, const std::vector<const void*>& xs, int
   {
     std::vector<double> local(2 * K, 0.0);
     alignas(64) float b[kBlock];
+    alignas(64) float keep[kBlock];
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t s = blk * kBlock;
@@ -568,11 +627,12 @@ void dare_l1_sums_impl(const void* base, const std::vector<const void*>& xs, int
       const int64_t g0 = element_offset + s;
       load_block<IN>(base, s, len, b);
       for (size_t k = 0; k < K; ++k) {
+        dare_keep_block(rng_keys[k], keep_below[k], g0, len, keep);
         double all = 0.0, kept = 0.0;
         for (int64_t j = 0; j < len; ++j) {
           const double a = std::fabs(Io<IN>::load(xs[k], s + j) - b[j]);
           all += a;
-          kept += dare_uniform32(rng_keys[k], static_cast<uint64_t>(g0 + j)) < keep_below[k] ? a : 0.0;
+          kept += a * keep[j];
         }
         local[2 * k] += all;
         local[2 * k + 1] += kept;

@@ -1,8 +1,9 @@
 """Triton kernels for DARE: the counter-based random stream and the L1 sums of mergekit's rescale.
 
-Stream (identical in C++, torch and here): uniform32(i) = splitmix64(key + (i + 1)·γ) >> 32 for the
-global flat element index i, key = dare_stream_key(seed, tensor_index, expert). An element survives
-iff uniform32 < dare_keep_below(density), so results depend on neither backend nor chunking.
+Stream (identical in C++, torch and here): uniform32(i) = fmix32(lo32(i)·W + page_key(key, hi32(i))) for the
+global flat element index i, with murmur3's finaliser fmix32, W = 0x9E3779B9 and all arithmetic in 32 bits;
+key = dare_stream_key(seed, tensor_index, expert). An element survives iff uniform32 < dare_keep_below(density),
+so results depend on neither backend nor chunking.
 The drop-and-rescale merge itself runs in the generalised task-arithmetic kernel (kernels/ties.py).
 """
 from __future__ import annotations
@@ -20,13 +21,23 @@ def signed64(v: int) -> int:
 
 
 @triton.jit
+def fmix32(h):
+    """murmur3's 32-bit finaliser on uint32."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
 def dare_uniform32(key, gi):
     """uniform32 in [0, 2^32) as int64 for global indices gi (int64); key is uint64."""
-    z = (gi + 1).to(tl.uint64) * 0x9E3779B97F4A7C15 + key
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    z = z ^ (z >> 31)
-    return (z >> 32).to(tl.int64)
+    key_lo = (key & 0xFFFFFFFF).to(tl.uint32)
+    key_hi = (key >> 32).to(tl.uint32)
+    page_key = key_lo ^ fmix32(key_hi ^ fmix32((gi >> 32).to(tl.uint32)))
+    u = fmix32((gi & 0xFFFFFFFF).to(tl.uint32) * 0x9E3779B9 + page_key)
+    return u.to(tl.int64)
 
 
 @triton.jit

@@ -219,12 +219,26 @@ def test_selection_rejects_missing_or_unordered_chunks():
 # ---------------------------------------------------------------- DARE stream
 def test_dare_stream_same_on_every_backend_and_matches_python_ints():
     key = ref.dare_stream_key(11, 4, 2)
-    want = torch.tensor([ref._mix64(key + (i + 1) * ref.DARE_GAMMA) >> 32 for i in range(1000, 1300)])
-    assert torch.equal(ref.dare_uniform_reference(key, 300, 1000), want)
+    start = 2**32 - 150  # the stream crosses from page 0 to page 1 (hi32(i) feeds the page key)
+    want = torch.tensor([ref.fmix32((i & ref.MASK32) * ref.DARE_WEYL32 + ref.dare_page_key(key, i >> 32))
+                         for i in range(start, start + 300)])
+    assert torch.equal(ref.dare_uniform_reference(key, 300, start), want)
     for backend in BACKENDS:
-        mask = ops.dare_keep_mask(300, 0.3, seed=11, tensor_index=4, expert_index=2, element_offset=1000,
+        mask = ops.dare_keep_mask(300, 0.3, seed=11, tensor_index=4, expert_index=2, element_offset=start,
                                   backend=backend)
         assert torch.equal(mask, want < ref.dare_keep_below(0.3))
+
+
+def test_dare_stream_is_uniform_and_independent_across_experts_and_neighbours():
+    n = 1 << 20
+    u = [ref.dare_uniform_reference(ref.dare_stream_key(5, 7, e), n, 2**32 - n // 2).double() / 2**32
+         for e in range(2)]
+    counts = torch.histc(u[0], bins=256, min=0.0, max=1.0)
+    chi2 = (((counts - n / 256) ** 2) / (n / 256)).sum().item()
+    assert chi2 < 400  # 255 degrees of freedom: mean 255, sd 22.6
+    bound = 5 / math.sqrt(n)  # correlations of independent uniforms: sd 1/sqrt(n)
+    for a, b in [(u[0], u[1]), (u[0][:-1], u[0][1:]), (u[0][:-256], u[0][256:])]:
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < bound
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -96,11 +96,6 @@ DARE_GAMMA = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 
 
-def _signed64(v: int) -> int:
-    v &= _MASK64
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
 def _mix64(z: int) -> int:
     """splitmix64 finaliser on a Python int (mod 2^64)."""
     z &= _MASK64
@@ -121,19 +116,43 @@ def dare_keep_below(density: float) -> int:
     return int(min(1 << 32, max(0, round(float(density) * (1 << 32)))))
 
 
-def _lsr64(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 holding uint64 bit patterns."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+MASK32 = 0xFFFFFFFF
+DARE_WEYL32 = 0x9E3779B9
+
+
+def fmix32(h: int) -> int:
+    """murmur3's 32-bit finaliser on a Python int (mod 2^32)."""
+    h &= MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & MASK32
+    return h ^ (h >> 16)
+
+
+def dare_page_key(key: int, page: int) -> int:
+    """page_key(K, p) = lo32(K) ^ fmix32(hi32(K) ^ fmix32(p)): the stream's key for indices p·2^32 ...."""
+    return (key & MASK32) ^ fmix32(((key >> 32) & MASK32) ^ fmix32(page))
+
+
+def _fmix32_tensor(h: torch.Tensor) -> torch.Tensor:
+    """fmix32 on int64 tensors holding uint32 values (int64 products wrap; the low 32 bits are exact)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & MASK32
+    return h ^ (h >> 16)
 
 
 def dare_uniform_reference(key: int, numel: int, element_offset: int = 0) -> torch.Tensor:
-    """uniform32(i) = splitmix64(key + (i + 1)·γ) >> 32 for global indices i = offset..offset+numel-1 (int64)."""
-    gi = torch.arange(element_offset + 1, element_offset + numel + 1, dtype=torch.int64)
-    z = gi * _signed64(DARE_GAMMA) + _signed64(key)  # int64 arithmetic wraps mod 2^64
-    z = (z ^ _lsr64(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
-    z = (z ^ _lsr64(z, 27)) * _signed64(0x94D049BB133111EB)
-    z = z ^ _lsr64(z, 31)
-    return _lsr64(z, 32)
+    """uniform32(i) = fmix32(lo32(i)·W + page_key(key, hi32(i))) for global indices i = offset..offset+numel-1
+    (int64 holding uint32; W = 0x9E3779B9)."""
+    gi = torch.arange(element_offset, element_offset + numel, dtype=torch.int64)
+    page_keys = torch.empty_like(gi)
+    for page in range(element_offset >> 32, ((element_offset + numel - 1) >> 32) + 1):
+        lo = max(0, (page << 32) - element_offset)
+        page_keys[lo:(((page + 1) << 32) - element_offset)] = dare_page_key(key, page)
+    return _fmix32_tensor(((gi & MASK32) * DARE_WEYL32 + page_keys) & MASK32)
 
 
 def dare_keep_mask_reference(numel: int, density: float, *, seed: int, tensor_index: int, expert_index: int,
