@@ -75,6 +75,7 @@ def main() -> None:
         ours = [sys.executable, "-m", "alignmerge", "merge", str(cfg_path), str(out), "--threads", str(args.threads),
                 "--no-progress", "--overwrite"]
         results["alignmerge"] = run_measured(ours)
+        shutil.rmtree(out, ignore_errors=True)  # both runs write a fresh directory (--overwrite would delete)
         results["no-prefetch"] = run_measured(ours + ["--no-prefetch"])
         if not args.skip_mergekit and shutil.which("mergekit-yaml"):
             out = work / f"out-{method}-mergekit"

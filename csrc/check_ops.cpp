@@ -77,10 +77,56 @@ std::tuple<int64_t, int64_t, int> pread_count_nonfinite(int fd, int64_t offset, 
   return {done, count, 0};
 }
 
-// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of n bytes, continuing from crc (0 to start).
+constexpr uint32_t kCrc32cPoly = 0x82F63B78u;  // CRC-32C (Castagnoli), reflected
+
+// a(x) * b(x) mod P in the reflected representation (bit 31 is x^0), as zlib's crc32_combine does it.
+uint32_t crc_multmodp(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kCrc32cPoly : b >> 1;
+  }
+  return p;
+}
+
+// x^(8 n) mod P: appending n bytes multiplies a CRC's register by this.
+uint32_t crc_shift_bytes(uint64_t n) {
+  uint32_t x2k = 1u << 30;  // x^(2^k), starting at x^1
+  for (int k = 0; k < 3; ++k) x2k = crc_multmodp(x2k, x2k);
+  uint32_t p = 1u << 31;  // x^0
+  for (; n; n >>= 1) {
+    if (n & 1) p = crc_multmodp(x2k, p);
+    x2k = crc_multmodp(x2k, x2k);
+  }
+  return p;
+}
+
+// CRC-32C of n bytes, continuing from crc (0 to start): crc(A || B) = (crc(A) * x^(8|B|) mod P) ^ crc(B),
+// with crc(B) started from 0 (zlib's crc32_combine). The hardware instruction has a 3-cycle latency and
+// 1-cycle throughput, so stripes of three independent lanes run about three times faster than one chain.
 uint32_t crc32c_bytes(const uint8_t* p, int64_t n, uint32_t crc) {
-  uint64_t c = ~crc & 0xffffffffu;
 #if defined(__SSE4_2__)
+  constexpr int64_t kLane = 8192;
+  static const uint32_t lane_shift = crc_shift_bytes(kLane);
+  for (; n >= 3 * kLane; n -= 3 * kLane, p += 3 * kLane) {
+    uint64_t a = ~crc & 0xffffffffu, b = 0xffffffffu, c = 0xffffffffu;
+    for (int64_t i = 0; i < kLane; i += 8) {
+      uint64_t va, vb, vc;
+      std::memcpy(&va, p + i, 8);
+      std::memcpy(&vb, p + kLane + i, 8);
+      std::memcpy(&vc, p + 2 * kLane + i, 8);
+      a = _mm_crc32_u64(a, va);
+      b = _mm_crc32_u64(b, vb);
+      c = _mm_crc32_u64(c, vc);
+    }
+    crc = crc_multmodp(lane_shift, ~static_cast<uint32_t>(a)) ^ ~static_cast<uint32_t>(b);
+    crc = crc_multmodp(lane_shift, crc) ^ ~static_cast<uint32_t>(c);
+  }
+  uint64_t c = ~crc & 0xffffffffu;
   for (; n >= 8; n -= 8, p += 8) {
     uint64_t v;
     std::memcpy(&v, p, 8);
@@ -88,11 +134,12 @@ uint32_t crc32c_bytes(const uint8_t* p, int64_t n, uint32_t crc) {
   }
   for (; n > 0; --n) c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
 #else
+  uint64_t c = ~crc & 0xffffffffu;
   static const auto table = [] {
     std::array<uint32_t, 256> t{};
     for (uint32_t i = 0; i < 256; ++i) {
       uint32_t v = i;
-      for (int k = 0; k < 8; ++k) v = (v >> 1) ^ (0x82F63B78u & (0u - (v & 1u)));
+      for (int k = 0; k < 8; ++k) v = (v >> 1) ^ (kCrc32cPoly & (0u - (v & 1u)));
       t[i] = v;
     }
     return t;

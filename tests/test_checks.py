@@ -82,3 +82,26 @@ def test_crc32c_matches_the_standard_check_value_and_continues():
     whole = ext.crc32c(memoryview(data))
     assert ext.crc32c(memoryview(data)[4093:], ext.crc32c(memoryview(data)[:4093])) == whole
     assert ext.crc32c(b"") == 0
+
+
+def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    c = ~crc & 0xFFFFFFFF
+    for byte in data:
+        c ^= byte
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+    return ~c & 0xFFFFFFFF
+
+
+def test_crc32c_three_lane_stripes_equal_the_bitwise_definition():
+    from alignmerge.ops._backend import cpp_extension
+
+    ext = cpp_extension()
+    if ext is None:
+        pytest.skip("the C++ extension is not built")
+    stripe = 3 * 8192  # lengths around the 3-lane stripe, continuing from zero and non-zero CRCs
+    data = torch.randint(0, 256, (2 * stripe + 1001,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(2)).numpy().tobytes()
+    for n in [1, 7, stripe - 1, stripe, stripe + 13, len(data)]:
+        for start in [0, 0x1234ABCD]:
+            assert ext.crc32c(data[:n], start) == _crc32c_bitwise(data[:n], start), (n, start)

@@ -76,11 +76,12 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path}: invalid index ({exc})") from None
         headers: dict[str, dict[str, TensorEntry]] = {}
+        root = self.path.resolve()
         for name, shard in weight_map.items():
-            shard_path = (self.path / str(shard)).resolve()
-            if self.path.resolve() not in shard_path.parents:
-                raise CheckpointError(f"{index_path}: shard {shard!r} of tensor {name!r} lies outside the model directory")
-            if shard not in headers:
+            shard_path = self.path / str(shard)
+            if shard not in headers:  # each shard is resolved, checked and parsed once
+                if root not in shard_path.resolve().parents:
+                    raise CheckpointError(f"{index_path}: shard {shard!r} of tensor {name!r} lies outside the model directory")
                 if not shard_path.exists():
                     raise CheckpointError(f"{index_path}: shard {shard!r} (listed for tensor {name!r}) is missing")
                 headers[shard], _ = read_header(shard_path)

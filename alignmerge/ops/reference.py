@@ -1,6 +1,8 @@
 """Torch reference implementations of the hot ops: the test oracles and last-resort fallbacks."""
 from __future__ import annotations
 
+import struct
+
 import torch
 
 
@@ -207,23 +209,28 @@ def magnitude_mask_reference(base: torch.Tensor, x: torch.Tensor, key: int, cuto
     return (keys > key) | ((keys == key) & (gi < cutoff))
 
 
-def _fp32(v: float) -> torch.Tensor:
-    return torch.tensor(float(v), dtype=torch.float32)
+_FP32 = struct.Struct("f")
+
+
+def _fp32(v: float) -> float:
+    """v rounded to the nearest fp32 value (round to nearest even)."""
+    return _FP32.unpack(_FP32.pack(float(v)))[0]
 
 
 def sequential_sum_fp32(values) -> float:
-    """fp32 sum in order (what torch's sum over <= 4 experts does)."""
+    """fp32 sum in order (what torch's sum over <= 4 experts does): each fp32 addition is the double sum
+    of two fp32 values (exact to 48 bits) rounded once to fp32."""
     total = _fp32(values[0])
     for v in values[1:]:
-        total = total + _fp32(v)
-    return float(total)
+        total = _fp32(total + _fp32(v))
+    return total
 
 
 def weighted_sum_reference(tensors, weights, *, normalize: bool = False, out_dtype=None) -> torch.Tensor:
     """sum_k w_k x_k [/ sum_k w_k] as mergekit linear: fp32 zeros, addcmul_ in order (one rounding each)."""
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for x, w in zip(tensors, weights):
-        acc.addcmul_(x.float(), _fp32(w))
+        acc.addcmul_(x.float(), torch.tensor(_fp32(w)))
     if normalize:
         acc = acc / _fp32(sequential_sum_fp32(weights))
     return acc.to(out_dtype or tensors[0].dtype)
