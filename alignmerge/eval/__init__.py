@@ -16,7 +16,9 @@ GREEDY_KEYS = ("refusal_rate_greedy", "skill_accuracy_greedy")
 
 def load_model(model_dir: str | Path, device: str = "cpu"):
     """(model in fp32 eval mode, tokenizer) from a HF directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from alignmerge.fisher.compute import load_model as load_causal_lm
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -25,9 +27,7 @@ def load_model(model_dir: str | Path, device: str = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load its tokenizer ({exc})") from exc
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
-    model.eval()
-    return model, tokenizer
+    return load_causal_lm(path, dtype=torch.float32, device=torch.device(device)), tokenizer
 
 
 def _mean(flags: list[bool]) -> float:

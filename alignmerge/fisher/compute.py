@@ -324,10 +324,18 @@ def _tied_names(skel: nn.Module) -> list[str]:
 
 
 def load_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The HF causal LM with frozen weights, sdpa attention, eval mode, on ``device``."""
+    """The HF causal LM with frozen weights, sdpa attention, eval mode, on ``device`` (without transformers'
+    per-load progress bar: our commands show their own)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     model.requires_grad_(False)
     return model
