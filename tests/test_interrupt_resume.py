@@ -58,12 +58,14 @@ def test_interrupt_then_resume_is_byte_identical(sig, medium_models, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         try:
             if len(json.loads(progress.read_text())["shards"]) >= 2:
+                proc.send_signal(signal.SIGSTOP)  # freeze it at once: a busy CI machine may not run us again soon
                 break
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.005)
     assert proc.poll() is None, "merge finished before it could be interrupted"
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     proc.wait(timeout=60)
     assert proc.returncode != 0
     if sig == signal.SIGINT:
