@@ -65,6 +65,21 @@ def test_ties_matches_reference(backend, in_dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_more_experts_than_the_unrolled_combine_matches_reference(backend, in_dtype):
+    """Six experts: the C++ combine step runs its any-count loops (1-4 experts are unrolled)."""
+    base, xs = _inputs((37, 29), 6, in_dtype, seed=40)
+    w, dens = WEIGHTS + [0.2, -0.9], DENSITIES + [0.7, 0.33]
+    _assert_same(ops.task_arithmetic(base, xs, w, lambda_=0.8, normalize=True, backend=backend),
+                 ref.task_arithmetic_reference(base, xs, w, lambda_=0.8, normalize=True))
+    for normalize, lam in [(True, 1.0), (False, 0.6)]:
+        _assert_same(ops.ties(base, xs, w, density=dens, lambda_=lam, normalize=normalize, backend=backend),
+                     ref.ties_reference(base, xs, w, density=dens, lambda_=lam, normalize=normalize))
+    kw = dict(density=dens, seed=8, tensor_index=1, consensus=True, out_dtype=torch.float32)
+    _assert_same(ops.dare(base, xs, w, backend=backend, **kw), ref.dare_reference(base, xs, w, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
 def test_dare_matches_reference(backend, in_dtype):
     for k in range(1, 5):
         for shape in [(7,), (33, 65)]:
