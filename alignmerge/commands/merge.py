@@ -45,8 +45,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import gc
+
     from alignmerge.api import merge
 
+    # What the imports created (torch's objects are many) lives as long as the process: freezing it spares
+    # the cyclic collector rescanning it (one full collection cost 0.06 s of a 1 s merge).
+    gc.freeze()
     result = merge(
         args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed,
         threads=args.threads, max_memory=args.max_memory, allow_nonfinite=args.allow_nonfinite,
