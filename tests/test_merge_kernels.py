@@ -135,9 +135,10 @@ def _check_topk_rule(base, x, density, key, cutoff):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_thresholds_are_exact_topk(backend):
-    # bf16 task vectors: many equal magnitudes, so the tie pass is exercised
+    # bf16 task vectors: many equal magnitudes, so the tie pass is exercised; (257, 201) is over the C++
+    # kernel's threshold for per-thread tables, where runs of one key value are counted in registers
     for seed, shape, density in [(0, (1,), 0.5), (1, (7,), 0.3), (2, (257, 33), 0.37), (3, (1000,), 0.999),
-                                 (4, (3001,), 1e-4), (5, (64,), 0.0), (6, (64,), 1.0)]:
+                                 (4, (3001,), 1e-4), (5, (64,), 0.0), (6, (64,), 1.0), (7, (257, 201), 0.37)]:
         base, xs = _inputs(shape, 2, torch.bfloat16, seed=seed, noise=0.002)
         th = ops.magnitude_thresholds(base, xs, density, backend=backend)
         for x, key, cutoff in zip(xs, th.keys, th.cutoffs):
@@ -146,6 +147,28 @@ def test_thresholds_are_exact_topk(backend):
     # the tie pass really ran: a cutoff inside the tensor
     base, xs = _inputs((257, 33), 1, torch.bfloat16, seed=2, noise=0.002)
     assert ops.magnitude_thresholds(base, xs, 0.37, backend=backend).cutoffs[0] < base.numel()
+
+
+def test_cpp_level1_histogram_and_window_counts_equal_bincount():
+    """The C++ level-1 pass on a bf16 fine-tune-like tensor (most keys of a prefix share one value, counted
+    in registers; the rest one by one) and its window counts, against torch.bincount."""
+    from alignmerge.ops._backend import cpp_extension, dtype_code
+
+    ext = cpp_extension()
+    if ext is None:
+        pytest.skip("the C++ extension is not built")
+    base, xs = _inputs((389, 263), 2, torch.bfloat16, seed=8, noise=0.002)
+    keys = [ref.magnitude_keys_reference(base, x) for x in xs]
+    prefixes = [int(torch.mode(k >> 16).values) for k in keys]  # the most crowded prefix of each expert
+    hist = torch.zeros((2, 65536), dtype=torch.int64)
+    window = torch.zeros((2, 6), dtype=torch.int64)
+    ext.magnitude_histogram(base.data_ptr(), [x.data_ptr() for x in xs], dtype_code(base), base.numel(), 1,
+                            prefixes, hist.data_ptr(), window.data_ptr())
+    for e, (k, p) in enumerate(zip(keys, prefixes)):
+        hi = k >> 16
+        assert torch.equal(hist[e], torch.bincount(k[hi == p] & 0xFFFF, minlength=65536))
+        want = [int((hi > p + 2).sum())] + [int((hi == p + 2 - d).sum()) for d in range(5)]
+        assert window[e].tolist() == want
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
