@@ -71,8 +71,8 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     """Merge the models of ``config`` (YAML path, dict or MergeConfig) into the HF directory ``out_dir``.
 
     ``max_memory`` bounds the host buffers: tensors whose inputs exceed a third of it are merged in
-    row chunks (two chunks are in flight with ``prefetch``, which also writes results on a write-behind
-    thread). ``resume`` continues an interrupted run from its completed, checksum-verified shards.
+    row chunks (two chunks are in flight with ``prefetch``, which also writes results on write-behind
+    threads; without it every read, merge and write happens in turn). ``resume`` continues an interrupted run from its completed, checksum-verified shards.
     """
     if not isinstance(config, MergeConfig):
         config = load_config(config)
@@ -110,7 +110,8 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     staged = StagedOutput(out_dir, inputs=[ck.path for ck in plan.inputs], overwrite=overwrite, resume=resume)
     outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
     metadata = {"merged_by": "alignmerge", "merge_method": config.merge_method}
-    writer = ShardedWriter(staged.staging, outputs, max_shard_bytes=shard_bytes, metadata=metadata)
+    writer = ShardedWriter(staged.staging, outputs, max_shard_bytes=shard_bytes, metadata=metadata,
+                           background=prefetch)
     layout_key = hashlib.sha256(
         json.dumps([config.to_yaml(), seed, writer.shard_names, [(t.name, t.shape, str(t.dtype)) for t in outputs]],
                    default=str).encode()).hexdigest()

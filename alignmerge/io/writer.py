@@ -81,23 +81,24 @@ class _DirectAppender:
     """Sequential writes of one shard with O_DIRECT through two page-aligned staging buffers, bypassing the page
     cache: no page allocation, reclaim or later writeback on the merge's cores. A full buffer is written by an
     I/O thread while the caller fills the other, so the disk never waits for the copy, check and checksum of
-    the next block. ``open`` returns None where the file system refuses O_DIRECT (older tmpfs, some network and
-    overlay file systems); the writer then uses buffered pwrite."""
+    the next block (with ``background`` false, each write happens in turn on the caller's thread). ``open``
+    returns None where the file system refuses O_DIRECT (older tmpfs, some network and overlay file systems);
+    the writer then uses buffered pwrite."""
 
     ALIGN = 4096
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, background: bool = True):
         self.fd = fd
         self._stages = [mmap.mmap(-1, WRITE_BLOCK_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT needs
         self._views = [memoryview(stage) for stage in self._stages]
         self._pending: list[Future | None] = [None, None]  # the write in flight from each staging buffer
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignmerge-odirect")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignmerge-odirect") if background else None
         self._current = 0
         self._start = 0  # file offset of the current staging buffer's first byte (a multiple of ALIGN)
         self._fill = 0
 
     @classmethod
-    def open(cls, path: Path, head: bytes) -> "_DirectAppender | None":
+    def open(cls, path: Path, head: bytes, background: bool = True) -> "_DirectAppender | None":
         """An appender whose next byte is the one after the shard header ``head``, or None."""
         if not hasattr(os, "O_DIRECT") or len(head) > WRITE_BLOCK_BYTES:
             return None
@@ -105,7 +106,7 @@ class _DirectAppender:
             fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         except OSError:
             return None
-        appender = cls(fd)
+        appender = cls(fd, background)
         appender._views[0][:len(head)] = head
         appender._fill = len(head)
         try:  # probe: file systems without O_DIRECT support refuse the first aligned write
@@ -129,8 +130,11 @@ class _DirectAppender:
             self._fill += n
             done += n
             if self._fill == WRITE_BLOCK_BYTES:
-                self._pending[self._current] = self._io.submit(self._write, self._current, WRITE_BLOCK_BYTES,
-                                                               self._start)
+                if self._io is None:
+                    self._write(self._current, WRITE_BLOCK_BYTES, self._start)
+                else:
+                    self._pending[self._current] = self._io.submit(self._write, self._current, WRITE_BLOCK_BYTES,
+                                                                   self._start)
                 self._current ^= 1
                 self._start += WRITE_BLOCK_BYTES
                 self._fill = 0
@@ -161,7 +165,8 @@ class _DirectAppender:
 
     def close(self) -> None:
         """Close without writing what is staged (after ``finish``, or to abandon the shard)."""
-        self._io.shutdown(wait=True)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
         for view, stage in zip(self._views, self._stages):
             view.release()
             stage.close()
@@ -172,10 +177,12 @@ class ShardedWriter:
     """Writes the planned tensors into pre-laid-out safetensors shards inside ``directory``."""
 
     def __init__(self, directory: str | Path, tensors: list[OutputTensor], *, max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None, direct: bool = True):
+                 metadata: dict[str, str] | None = None, direct: bool = True, background: bool = True):
         self.directory = Path(directory)
         self.direct = direct
         """Write shards in order with O_DIRECT where the file system allows it (else buffered pwrite)."""
+        self.background = background
+        """O_DIRECT writes run on an I/O thread while the next block is staged (else in turn)."""
         self.metadata = {"format": "pt", **(metadata or {})}
         groups: list[list[OutputTensor]] = [[]]
         size = 0
@@ -238,7 +245,7 @@ class ShardedWriter:
                     ) from None
                 raise AlignMergeError(f"{path}: cannot create the output shard ({exc.strerror or exc})") from None
             head = struct.pack("<Q", len(blob)) + blob
-            appender = _DirectAppender.open(path, head) if self.direct else None
+            appender = _DirectAppender.open(path, head, self.background) if self.direct else None
             if appender is not None:
                 self._direct[path] = appender
             else:
