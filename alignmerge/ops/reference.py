@@ -218,8 +218,9 @@ def _fp32(v: float) -> float:
 
 
 def sequential_sum_fp32(values) -> float:
-    """fp32 sum in order (what torch's sum over <= 4 experts does): each fp32 addition is the double sum
-    of two fp32 values (exact to 48 bits) rounded once to fp32."""
+    """fp32 sum in order (what torch's sum over <= 4 experts does): each fp32 addition is the double sum of
+    two fp32 values rounded to fp32, which equals the fp32 sum (53 >= 2·24 + 2 bits: double rounding is
+    innocuous for addition)."""
     total = _fp32(values[0])
     for v in values[1:]:
         total = _fp32(total + _fp32(v))
