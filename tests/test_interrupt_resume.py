@@ -52,7 +52,10 @@ def test_interrupt_then_resume_is_byte_identical(sig, medium_models, tmp_path):
 
     out = tmp_path / "interrupted"
     staging = tmp_path / ".interrupted.partial"
-    proc = subprocess.Popen(_merge_cmd(medium_models, out), stderr=subprocess.PIPE, text=True)
+    # a shell runs background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # give the merge the default disposition whatever launched the tests
+    proc = subprocess.Popen(_merge_cmd(medium_models, out), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     progress = staging / "progress.json"
     while time.time() < deadline and proc.poll() is None:
