@@ -41,9 +41,10 @@ def expert_fisher(inputs: TensorInputs, k: int, reader, method: str) -> torch.Te
     return f.to(inputs.models[k].device)
 
 
-def run_with_stats(method_cls, config, out_dir, **options) -> dict:
+def run_with_stats(method_cls, config, out_dir, *, progress: bool = False, **options) -> dict:
     """``prepare_stats`` (files given, or computed from ``data:`` into ``<out>.alignmerge-cache``),
-    then ``alignmerge.api.merge`` with every model's statistics file filled in."""
+    then ``alignmerge.api.merge`` with every model's statistics file filled in (a progress bar only when
+    asked, as the other methods' ``run_merge``)."""
     import json
 
     from alignmerge.api import merge
@@ -65,7 +66,7 @@ def run_with_stats(method_cls, config, out_dir, **options) -> dict:
         models.append(spec)
     raw["models"] = models
     raw["parameters"] = {key: v for key, v in (raw.get("parameters") or {}).items() if key != "data"}
-    result = merge(load_config(raw), out, **options)
+    result = merge(load_config(raw), out, progress=progress, **options)
     return {"method": method_cls.name, "result": result, "files": {k: [str(p) for p in v] for k, v in files.items()}}
 
 
