@@ -219,7 +219,7 @@ def test_sampled_selection_is_exact_even_when_the_sample_misleads(backend, monke
         base, xs = _inputs((rows, cols - 1), 3, dtype, seed=11, noise=0.003)
         dens = [0.4, 0.11, 0.75]
         before = [x.clone() for x in xs]
-        got, stages = _select_over_chunks(base, xs, dens, [0, 3, 150, 257, rows], backend)
+        got, stages = _select_over_chunks(base, xs, dens, bounds, backend)
         assert all(torch.equal(x, b) for x, b in zip(xs, before))  # inputs are read, never written
         assert got == ops.magnitude_thresholds(base, xs, dens, backend="torch") and stages[0] == -1
         for x, key, cut, d in zip(xs, got.keys, got.cutoffs, dens):
