@@ -6,8 +6,6 @@ written as HF-layout safetensors shards (model-0000i-of-0000n.safetensors + inde
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch

@@ -54,7 +54,6 @@ def _break(kind: str, tiny: dict, tmp: Path):
     st_file = bad / "model.safetensors"
     cfg = {"merge_method": "task_arithmetic", "base_model": str(tiny["base"]),
            "models": [{"model": str(bad), "parameters": {"weight": 1.0}}], "out_dtype": "bfloat16"}
-    extra = []
     expect = str(st_file)
     if kind == "truncated":
         st_file.write_bytes(st_file.read_bytes()[:-100])

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from alignmerge.errors import ConfigError
-from alignmerge.methods import TensorInputs, register
+from alignmerge.methods import register
 from alignmerge.methods.fisher import FisherMerge
 
 

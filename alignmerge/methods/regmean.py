@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from alignmerge.errors import ConfigError
-from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, merged_result, register
+from alignmerge.methods import MergeMethod, TensorInputs, merged_result, register
 
 
 @register
