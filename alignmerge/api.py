@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from alignmerge import __version__
 from alignmerge.config import MergeConfig, load_config
 from alignmerge.distributed import all_ranks_ok, barrier, distributed_context
 from alignmerge.errors import AlignMergeError
@@ -112,9 +113,11 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     metadata = {"merged_by": "alignmerge", "merge_method": config.merge_method}
     writer = ShardedWriter(staged.staging, outputs, max_shard_bytes=shard_bytes, metadata=metadata,
                            background=prefetch)
+    # the package version too: a resumed run must not mix shards of releases whose numerics differ
+    # (0.2.0 changed the DARE random stream)
     layout_key = hashlib.sha256(
-        json.dumps([config.to_yaml(), seed, writer.shard_names, [(t.name, t.shape, str(t.dtype)) for t in outputs]],
-                   default=str).encode()).hexdigest()
+        json.dumps([__version__, config.to_yaml(), seed, writer.shard_names,
+                    [(t.name, t.shape, str(t.dtype)) for t in outputs]], default=str).encode()).hexdigest()
     check_preflight_disk(plan, staged.final.parent, writer.file_bytes if not staged.resume else 0)
 
     rank, world = distributed_context(device)
