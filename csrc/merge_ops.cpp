@@ -130,8 +130,10 @@ inline uint32_t dare_page_key(uint64_t key, uint32_t page) {
   return static_cast<uint32_t>(key) ^ fmix32(static_cast<uint32_t>(key >> 32) ^ fmix32(page));
 }
 
+inline uint32_t dare_hash(uint32_t lo, uint32_t page_key) { return fmix32(lo * kWeyl32 + page_key); }
+
 inline uint32_t dare_uniform32(uint64_t key, uint64_t gi) {
-  return fmix32(static_cast<uint32_t>(gi) * kWeyl32 + dare_page_key(key, static_cast<uint32_t>(gi >> 32)));
+  return dare_hash(static_cast<uint32_t>(gi), dare_page_key(key, static_cast<uint32_t>(gi >> 32)));
 }
 
 // keep[j] = 1 if uniform32(g0 + j) < below else 0 (below = 2^32 keeps all), for one block.
@@ -145,8 +147,7 @@ inline void dare_keep_block(uint64_t key, uint64_t below, int64_t g0, int64_t le
     const uint32_t page_key = dare_page_key(key, static_cast<uint32_t>(first >> 32));
     const uint32_t lo0 = static_cast<uint32_t>(first);
     for (int32_t j = 0; j < n32; ++j) {
-      const uint32_t u = fmix32((lo0 + static_cast<uint32_t>(j)) * kWeyl32 + page_key);
-      keep[j] = (all | (u < below32)) ? 1.0f : 0.0f;
+      keep[j] = (all | (dare_hash(lo0 + static_cast<uint32_t>(j), page_key) < below32)) ? 1.0f : 0.0f;
     }
   } else {
     for (int32_t j = 0; j < n32; ++j) keep[j] = (all | (dare_uniform32(key, first + j) < below32)) ? 1.0f : 0.0f;
