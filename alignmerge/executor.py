@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -18,8 +19,11 @@ import torch
 from alignmerge.errors import NonFiniteError
 from alignmerge.io.writer import ShardedWriter
 from alignmerge.methods import TensorInputs
-from alignmerge.ops import count_nonfinite
 from alignmerge.plan import MergePlan, TensorTask
+
+
+_LOCATE_SLOT = 3
+"""Buffer slot for re-reading a unit's inputs to name a non-finite one (0, 1: read-ahead; 2: chunk statistics)."""
 
 
 @dataclass
@@ -86,30 +90,34 @@ class Executor:
             for rows in task.chunks:
                 yield WorkUnit(task, rows)
 
-    def _read(self, unit: WorkUnit, slot: int) -> tuple[list[torch.Tensor], torch.Tensor | None, object]:
-        """Read a unit's inputs into the slot's (pinned, on CUDA) buffers; on CUDA also start their
-        host-to-device copies on the copy stream. Returns (tensors, base, copy-done event or None)."""
+    def _read_input(self, unit: WorkUnit, ck, key: int, slot: int, check: bool) -> torch.Tensor:
+        """One input of a unit: a memory map of its bytes on CPU, else read into the slot's buffer; with
+        ``check``, a NaN/Inf in it raises NonFiniteError naming the file and tensor."""
         task = unit.task
         total_rows = task.shape[0] if task.shape else 1
         rows = None if unit.rows == (0, total_rows) else unit.rows
+        try:
+            mapped = ck.map(task.name, rows=rows, check_finite=check) if self.map_inputs else None
+            if mapped is not None:
+                return mapped
+            nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
+            return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes), check_finite=check)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
 
-        def read(ck, key: int, check: bool) -> torch.Tensor:
-            try:
-                mapped = ck.map(task.name, rows=rows) if self.map_inputs else None
-                if mapped is not None:
-                    if check and count_nonfinite(mapped):
-                        raise NonFiniteError(f"{ck.path}: tensor {task.name!r} contains NaN/Inf values")
-                    return mapped
-                nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
-                return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes), check_finite=check)
-            except NonFiniteError as exc:
-                raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
+    def _read(self, unit: WorkUnit, slot: int) -> tuple[list[torch.Tensor], torch.Tensor | None, object]:
+        """Read a unit's inputs into the slot's (pinned, on CUDA) buffers; on CUDA also start their
+        host-to-device copies on the copy stream. Returns (tensors, base, copy-done event or None).
 
+        Inputs are checked for NaN/Inf here unless the method's output check covers them
+        (``MergeMethod.output_reveals_nonfinite_inputs``)."""
+        task = unit.task
+        read = partial(self._read_input, unit, slot=slot)
         if task.copy_from_reference:
-            return [read(self.plan.reference, 0, False)], None, None
-        check = not self.allow_nonfinite
-        tensors = [read(ck, k, check) for k, ck in enumerate(self.plan.models)]
-        base = read(self.plan.base, len(tensors), check) if self.plan.base is not None else None
+            return [read(self.plan.reference, 0, check=False)], None, None
+        check = not self.allow_nonfinite and not self.plan.method.output_reveals_nonfinite_inputs
+        tensors = [read(ck, k, check=check) for k, ck in enumerate(self.plan.models)]
+        base = read(self.plan.base, len(tensors), check=check) if self.plan.base is not None else None
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
         if self.copy_stream is None:
             return tensors, base, None
@@ -176,7 +184,12 @@ class Executor:
         """Check, checksum and write ``data`` (output buffer ``which``) on the write-behind thread, then report
         progress; the buffer is reused only after this write completes."""
         def job() -> None:
-            self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check)
+            try:
+                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check)
+            except NonFiniteError:
+                if self.plan.method.output_reveals_nonfinite_inputs:
+                    self._name_nonfinite_input(unit)
+                raise
             self._done(unit, data.numel() * data.element_size())
 
         if self._write_pool is None:
@@ -187,6 +200,13 @@ class Executor:
             done = self._write_pool.submit(job)
         self._writes[which] = done
         return done
+
+    def _name_nonfinite_input(self, unit: WorkUnit) -> None:
+        """After a NaN/Inf output of a method whose output reveals its inputs' (unchecked on read): raise the
+        error that names the input holding one; return if every input is finite (the merge overflowed)."""
+        models = [*self.plan.models, *([self.plan.base] if self.plan.base is not None else [])]
+        for key, ck in enumerate(models):
+            self._read_input(unit, ck, key, slot=_LOCATE_SLOT, check=True)
 
     def _inputs(self, task: TensorTask, rows: tuple[int, int], tensors: list[torch.Tensor],
                 base: torch.Tensor | None) -> TensorInputs:

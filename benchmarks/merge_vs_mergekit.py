@@ -1,10 +1,11 @@
 """alignmerge vs mergekit on three random Llama-shaped bf16 checkpoints (default ~0.54B parameters each).
 
 Runs linear and ties through both tools in one run, each as a separate process, and prints wall
-time, peak RSS (the child's ru_maxrss) and the speed ratio. Checkpoints are written once under
---work and reused; both tools then read them from the page cache.
+time (the median of --repeats runs, each writing a fresh directory), peak RSS (the child's VmHWM, the
+largest over the runs) and the speed ratio. Checkpoints are written once under --work and reused;
+both tools then read them from the page cache.
 
-    python benchmarks/merge_vs_mergekit.py [--layers 28] [--hidden 1024] [--methods linear ties]
+    python benchmarks/merge_vs_mergekit.py [--layers 28] [--hidden 1024] [--methods linear ties] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ def config_for(method: str, base: Path, experts: list[Path]) -> dict:
     return cfg
 
 
+def run_repeated(cmd: list[str], out: Path, repeats: int) -> tuple[float, float, int]:
+    """(median wall s, largest peak RSS GB, first non-zero exit code or 0) of ``repeats`` runs of ``cmd``,
+    each into a fresh ``out`` (deleting it is not timed)."""
+    runs = []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(run_measured(cmd))
+    walls = sorted(r[0] for r in runs)
+    return walls[len(walls) // 2], max(r[1] for r in runs), next((r[2] for r in runs if r[2]), 0)
+
+
 def warm_page_cache(dirs: list[Path]) -> None:
     """Read every checkpoint file once, so each tool reads its inputs from the page cache."""
     for d in dirs:
@@ -50,6 +62,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["linear", "ties"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool; the median wall time is reported")
     args = ap.parse_args()
 
     work = Path(args.work)
@@ -71,17 +84,14 @@ def main() -> None:
         cfg_path.write_text(yaml.safe_dump(config_for(method, base, experts)))
         results = {}
         out = work / f"out-{method}-alignmerge"
-        shutil.rmtree(out, ignore_errors=True)
         ours = [sys.executable, "-m", "alignmerge", "merge", str(cfg_path), str(out), "--threads", str(args.threads),
-                "--no-progress", "--overwrite"]
-        results["alignmerge"] = run_measured(ours)
-        shutil.rmtree(out, ignore_errors=True)  # both runs write a fresh directory (--overwrite would delete)
-        results["no-prefetch"] = run_measured(ours + ["--no-prefetch"])
+                "--no-progress"]
+        results["alignmerge"] = run_repeated(ours, out, args.repeats)
+        results["no-prefetch"] = run_repeated(ours + ["--no-prefetch"], out, args.repeats)
         if not args.skip_mergekit and shutil.which("mergekit-yaml"):
             out = work / f"out-{method}-mergekit"
-            shutil.rmtree(out, ignore_errors=True)
-            results["mergekit"] = run_measured([shutil.which("mergekit-yaml"), str(cfg_path), str(out), "--quiet",
-                                                "--num-threads", str(args.threads)])
+            results["mergekit"] = run_repeated([shutil.which("mergekit-yaml"), str(cfg_path), str(out), "--quiet",
+                                                "--num-threads", str(args.threads)], out, args.repeats)
         moved = sum(f.stat().st_size for d in ([base] if method != "linear" else []) + experts
                     for f in d.glob("*.safetensors")) + sum(f.stat().st_size for f in out.glob("*.safetensors"))
         for tool, (wall, rss, code) in results.items():

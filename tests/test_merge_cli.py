@@ -199,6 +199,36 @@ def test_bad_checkpoint_errors(how, tiny_llamas, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("value", [float("nan"), -float("inf")])
+@pytest.mark.parametrize("io", ["prefetch-mapped", "serial-mapped", "prefetch-read"])
+def test_nonfinite_input_is_named(method, value, io, tiny_llamas, tmp_path, capsys, monkeypatch):
+    """Whether inputs are counted on read (ties) or through the merged output (linear, task_arithmetic:
+    ``output_reveals_nonfinite_inputs``), the error names the input file and tensor, with or without prefetch,
+    from memory maps or pread buffers."""
+    from alignmerge.io.checkpoint import Checkpoint
+
+    if io.endswith("read"):
+        monkeypatch.setattr(Checkpoint, "map", lambda self, name, rows=None, check_finite=False: None)
+    bad = tmp_path / "bad_expert"
+    shutil.copytree(tiny_llamas["experts"][1], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    t = tensors[name].clone()
+    t[-1, 2] = value
+    tensors[name] = t
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    cfg = configs(tiny_llamas)[method]
+    cfg["models"][1]["model"] = str(bad)
+    out = tmp_path / "out"
+    argv = ["merge", str(write_config(tmp_path / "cfg.yaml", cfg)), str(out), "--no-progress"]
+    assert cli_main(argv + (["--no-prefetch"] if io.startswith("serial") else [])) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"{bad / 'model.safetensors'}: tensor {name!r} contains 1 NaN/Inf values" in err, err
+    assert "--allow-nonfinite" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
 def test_allow_nonfinite_passes_nan_through(tiny_llamas, tmp_path):
     cfg, _ = _corrupt(tiny_llamas, tmp_path, "nan")
     cfg["merge_method"] = "linear"
@@ -259,7 +289,7 @@ def test_mapped_inputs_equal_read_inputs(tiny_llamas, tmp_path, monkeypatch):
             assert torch.equal(ck.map(name, rows=r).view(torch.uint8), ck.read(name, rows=r).view(torch.uint8)), name
     cfg = write_config(tmp_path / "ties.yaml", configs(tiny_llamas)["ties"])
     assert cli_main(["merge", str(cfg), str(tmp_path / "mapped"), "--no-progress"]) == 0
-    monkeypatch.setattr(Checkpoint, "map", lambda self, name, rows=None: None)
+    monkeypatch.setattr(Checkpoint, "map", lambda self, name, rows=None, check_finite=False: None)
     assert cli_main(["merge", str(cfg), str(tmp_path / "read"), "--no-progress", "--max-memory", "30KB"]) == 0
     assert cli_main(["merge", str(cfg), str(tmp_path / "read-whole"), "--no-progress"]) == 0
     assert (tmp_path / "mapped" / "model.safetensors").read_bytes() == (tmp_path / "read-whole" / "model.safetensors").read_bytes()

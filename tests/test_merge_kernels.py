@@ -338,6 +338,36 @@ def test_degenerate_inputs_never_give_nan(backend):
     assert torch.equal(ops.dare(base, xs, [1.0, 1.0], density=0.0, seed=0, tensor_index=0, backend=backend), base)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+def test_nonfinite_inputs_always_reach_the_output(backend, in_dtype):
+    """The contract behind ``output_reveals_nonfinite_inputs`` (linear, task_arithmetic): a NaN/±Inf in any
+    input element makes that output element non-finite on every backend, even at weight 0 or lambda 0."""
+    g = torch.Generator().manual_seed(7)
+    n = 1031
+    base, xs = _inputs((n,), 3, in_dtype, seed=3)
+    bad = torch.zeros(n, dtype=torch.bool)
+    for t in [base, *xs]:
+        idx = torch.randperm(n, generator=g)[:12]
+        t[idx[:4]] = float("nan")
+        t[idx[4:8]] = float("inf")
+        t[idx[8:]] = -float("inf")
+        bad[idx] = True
+    bad_models = torch.zeros(n, dtype=torch.bool)
+    for t in xs:
+        bad_models |= ~torch.isfinite(t)
+    for w in ([0.0, 1.0, -0.5], [0.0, 0.0, 0.0], [0.3, 0.3, 0.4]):
+        for normalize in (False, True):
+            if normalize and sum(w) == 0:
+                continue
+            out = ops.weighted_sum(xs, w, normalize=normalize, out_dtype=torch.float32, backend=backend)
+            assert not torch.isfinite(out[bad_models]).any()
+            for lam in (1.0, 0.0, -2.0):
+                out = ops.task_arithmetic(base, xs, w, lambda_=lam, normalize=normalize, out_dtype=in_dtype,
+                                          backend=backend)
+                assert not torch.isfinite(out[bad]).any()
+
+
 def test_errors_name_the_argument():
     base, xs = _inputs((4, 5), 2, torch.bfloat16)
     with pytest.raises(ValueError, match=r"tensors\[1\] has shape"):

@@ -168,9 +168,10 @@ class Checkpoint:
                               entry.file)
         return out[:n].view(entry.dtype).view(shape)
 
-    def map(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+    def map(self, name: str, *, rows: tuple[int, int] | None = None, check_finite: bool = False) -> torch.Tensor | None:
         """Tensor ``name`` (or rows [start, stop)) as a zero-copy view of a memory map of its file, or None
-        where this checkpoint cannot map it (pickle weights, LoRA-merged tensors): use ``read`` then."""
+        where this checkpoint cannot map it (pickle weights, LoRA-merged tensors): use ``read`` then.
+        ``check_finite`` raises NonFiniteError, naming the file, if the mapped values hold NaN/Inf."""
         if name not in self:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
         if self._bin_state is not None:
@@ -178,7 +179,12 @@ class Checkpoint:
         entry = self._entries[name]
         start, stop = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
         shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
-        return map_bytes(entry, start * entry.row_bytes, stop * entry.row_bytes).view(entry.dtype).view(shape)
+        mapped = map_bytes(entry, start * entry.row_bytes, stop * entry.row_bytes).view(entry.dtype).view(shape)
+        if check_finite:
+            from alignmerge.ops import count_nonfinite
+
+            self._raise_nonfinite(name, count_nonfinite(mapped), entry.file)
+        return mapped
 
     def _raise_nonfinite(self, name: str, count: int, where: Path | str | None = None) -> None:
         if count:

@@ -116,11 +116,11 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{weights}: LoRA update of {target!r} has shape {list(update)}, the base model's "
                                   f"tensor {list(w_shape)}")
 
-    def map(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+    def map(self, name: str, *, rows: tuple[int, int] | None = None, check_finite: bool = False) -> torch.Tensor | None:
         """Tensors the adapter does not touch map from the base model; LoRA-merged ones are computed (None)."""
         if name in self._replaced or name in self._pairs:
             return None
-        return super().map(name, rows=rows)
+        return super().map(name, rows=rows, check_finite=check_finite)
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
              check_finite: bool = False) -> torch.Tensor:

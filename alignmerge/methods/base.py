@@ -54,6 +54,10 @@ class MergeMethod(ABC):
     """Kinds of per-model statistics the method reads (e.g. ("fisher",))."""
     elementwise: ClassVar[bool] = True
     """True if the merge of a row block depends only on that block (so tensors may be chunked)."""
+    output_reveals_nonfinite_inputs: ClassVar[bool] = False
+    """True if every input element enters its output element arithmetically, with no element dropped or
+    selected (0·NaN = NaN, 0·Inf = NaN), so a NaN/Inf input always yields a NaN/Inf output: the executor's
+    check of the output then covers the inputs too, saving a pass over them (tested in ``test_merge_kernels``)."""
 
     def chunkable(self, name: str, shape: tuple[int, ...], method_params: dict[str, Any]) -> bool:
         """True if tensor ``name`` may be merged in row chunks (with ``chunk_statistic`` for whole-tensor terms)."""

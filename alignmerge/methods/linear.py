@@ -14,6 +14,7 @@ class Linear(MergeMethod):
     name = "linear"
     model_parameters = {"weight": REQUIRED}
     method_parameters = {"normalize": True}
+    output_reveals_nonfinite_inputs = True
 
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
         weights = [float(p["weight"]) for p in inputs.params]

@@ -15,6 +15,7 @@ class TaskArithmetic(MergeMethod):
     needs_base = True
     model_parameters = {"weight": REQUIRED}
     method_parameters = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
+    output_reveals_nonfinite_inputs = True
 
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
         return ops.task_arithmetic(
