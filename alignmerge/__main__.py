@@ -1,5 +1,3 @@
-import sys
+from alignmerge.cli import run
 
-from alignmerge.cli import main
-
-sys.exit(main())
+run()

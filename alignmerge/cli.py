@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from alignmerge import __version__
@@ -65,5 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Entry point of the ``alignmerge`` program (and ``python -m alignmerge``): ``main()``, then the exit
+    without the interpreter's teardown. Every command has closed, synced and renamed its outputs when
+    ``main`` returns; tearing down torch's modules would only add 0.1-0.2 s to each run (measured here)."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be reported
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -271,10 +271,16 @@ def test_bad_config_errors(edit, expect, tiny_llamas, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cli_entry_point_exit_code(tmp_path):
+def test_cli_entry_point_exit_code(tiny_llamas, tmp_path):
+    """The program exits without interpreter teardown (``cli.run``): exit codes and piped output still arrive."""
     proc = subprocess.run([sys.executable, "-m", "alignmerge", "merge", str(tmp_path / "nope.yaml"), str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    cfg = write_config(tmp_path / "linear.yaml", configs(tiny_llamas)["linear"])
+    proc = subprocess.run([sys.executable, "-m", "alignmerge", "merge", str(cfg), str(tmp_path / "o"), "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and f"wrote {tmp_path / 'o'}" in proc.stdout, proc.stderr
+    assert load_dir(tmp_path / "o")
 
 
 def test_mapped_inputs_equal_read_inputs(tiny_llamas, tmp_path, monkeypatch):
