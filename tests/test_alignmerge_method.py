@@ -114,6 +114,69 @@ def test_missing_fisher_is_a_config_error(problem):
         get_method("alignmerge")().merge(bad, out_dtype=torch.float32)
 
 
+def test_tensor_lambda_scales_by_alignment_over_skill_share(problem, tmp_path):
+    """λ_t = λ_align·clip(r_t)^γ with r_t = (mean F_align,t / whole-model mean) / (Σ w_k mean F_k,t / mean F_k / Σ w_k):
+    the merge with γ equals the γ = 0 merge at λ_t, and the diagnostics record λ_t."""
+    from safetensors.torch import load_file
+
+    def share(path, name):
+        t = load_file(str(path))
+        whole = sum(float(x.double().sum()) for x in t.values()) / sum(x.numel() for x in t.values())
+        return float(t[name].double().mean()) / whole
+
+    weights = (1.0, 3.0)
+    skill = sum(w * share(f, NAME) for w, f in zip(weights, problem["fisher"])) / sum(weights)
+    ratio = share(problem["falign"], NAME) / skill
+    assert 1 / 8 < ratio < 8
+    method = get_method("alignmerge")()
+    diag = tmp_path / "diag.jsonl"
+    scaled = method.merge(inputs_for(problem, NAME, weights, lambda_align=0.7, tensor_lambda_power=2.5,
+                                     diagnostics=str(diag)), out_dtype=torch.float32)
+    want = 0.7 * ratio ** 2.5
+    assert json.loads(diag.read_text())["lambda_align"] == pytest.approx(want, rel=1e-12)
+    plain = method.merge(inputs_for(problem, NAME, weights, lambda_align=want, tensor_lambda_power=0.0),
+                         out_dtype=torch.float32)
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-7)
+    unscaled = method.merge(inputs_for(problem, NAME, weights, lambda_align=0.7, tensor_lambda_power=0.0),
+                            out_dtype=torch.float32)
+    assert not torch.equal(scaled, unscaled)
+    # when another tensor holds nearly all the alignment Fisher, r_t is clipped at 1/8
+    heavy = tmp_path / "falign_heavy.safetensors"
+    f = load_file(str(problem["falign"]))
+    f["b"] = f["b"] * 1e6
+    save_file(f, str(heavy))
+    method.merge(inputs_for(problem, NAME, weights, lambda_align=0.7, tensor_lambda_power=3.0, align_fisher=str(heavy),
+                            diagnostics=str(diag)), out_dtype=torch.float32)
+    assert json.loads(diag.read_text().splitlines()[-1])["lambda_align"] == pytest.approx(0.7 / 8 ** 3)
+
+
+def test_tensor_lambda_needs_fisher_files(problem):
+    inputs = inputs_for(problem, NAME, tensor_lambda_power=3.0)
+    inputs.stats = {"fisher": [torch.ones(23, 17), torch.ones(23, 17)]}  # statistics passed in memory, no files
+    for p in inputs.params:
+        p["fisher"] = None
+    with pytest.raises(ConfigError, match="tensor_lambda_power needs every expert's Fisher as a file"):
+        get_method("alignmerge")().merge(inputs, out_dtype=torch.float32)
+    get_method("alignmerge")().merge(inputs_for(problem, NAME, tensor_lambda_power=0.0), out_dtype=torch.float32)
+
+
+def test_statistics_means_in_row_blocks(tmp_path, monkeypatch):
+    from alignmerge.fisher import stats as stats_mod
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {"emb": torch.rand(509, 7, generator=g), "w": torch.rand(5, 3, generator=g), "b": torch.rand(3, generator=g),
+               "s": torch.rand((), generator=g)}
+    path = tmp_path / "f.safetensors"
+    save_file(tensors, str(path))
+    monkeypatch.setattr(stats_mod, "MEANS_BLOCK_BYTES", 100)  # 3 rows of "emb" per block
+    means, whole = stats_mod.StatsReader().means(path)
+    assert set(means) == set(tensors)
+    for n, t in tensors.items():
+        assert means[n] == pytest.approx(float(t.double().mean()), rel=1e-12)
+    total = sum(float(t.double().sum()) for t in tensors.values()) / sum(t.numel() for t in tensors.values())
+    assert whole == pytest.approx(total, rel=1e-12)
+
+
 # ---- whole merges on tiny random Llamas -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
@@ -277,7 +340,7 @@ def test_cli_merge_computes_statistics_and_runs_the_loop(family, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
-    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25]
+    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.5]
     assert report["refusal_floor"] is None and report["rounds"][0]["refusal"] is None
     assert any((tmp_path / "out").glob("*.safetensors")) and (tmp_path / "out.alignmerge-cache").is_dir()
 

@@ -18,6 +18,7 @@ from alignmerge.io.checkpoint import Checkpoint
 from alignmerge.io.safetensors_file import read_header
 
 STAT_KINDS = ("fisher", "gram")
+MEANS_BLOCK_BYTES = 64 << 20
 # method parameters steering the computation of missing files, with defaults
 COMPUTE_OPTIONS = {"fisher_kind": "empirical", "samples": 64, "max_length": 256, "batch_size": 8,
                    "stats_device": "cpu", "seed": 0}
@@ -109,7 +110,40 @@ class StatsReader:
     merges. Reads are pread copies, not memory maps, so a pass over multi-GB Fisher files keeps a bounded RSS."""
 
     def __init__(self):
-        self._files: dict[str, object] = {}
+        self._files: dict[str, Checkpoint] = {}
+        self._means: dict[str, tuple[dict[str, float], float]] = {}
+
+    def _open(self, path) -> Checkpoint:
+        key = str(path)
+        if key not in self._files:
+            if not Path(key).is_file():
+                raise CheckpointError(f"{key}: statistics file not found")
+            self._files[key] = Checkpoint.from_file(key)
+        return self._files[key]
+
+    def means(self, path) -> tuple[dict[str, float], float]:
+        """({tensor: mean}, whole-file mean over every element) of a statistics file: one pass in row blocks
+        of at most ``MEANS_BLOCK_BYTES`` (bounded memory for 128k-vocabulary embeddings), cached per file."""
+        import math
+
+        import torch
+
+        key = str(path)
+        if key not in self._means:
+            stats = self._open(key)
+            sums, counts = {}, {}
+            for name in stats.names():
+                shape = stats.shape(name)
+                rows = shape[0] if shape else 1
+                step = max(1, MEANS_BLOCK_BYTES // max(1, stats.nbytes(name) // max(rows, 1)))
+                total = 0.0
+                for start in range(0, rows, step):
+                    block = stats.read(name, rows=(start, min(rows, start + step)) if shape else None)
+                    total += float(block.to(torch.float64).sum())
+                sums[name], counts[name] = total, math.prod(shape)
+            whole = sum(sums.values()) / max(1, sum(counts.values()))
+            self._means[key] = ({n: sums[n] / counts[n] if counts[n] else 0.0 for n in sums}, whole)
+        return self._means[key]
 
     def get(self, path, name: str, like: "torch.Tensor", element_offset: int = 0, *, rows: bool = False):
         """Tensor ``name`` of file ``path`` as fp32 (None if the file has no such tensor). With
@@ -118,12 +152,7 @@ class StatsReader:
         ``element_offset``."""
         import torch
 
-        key = str(path)
-        if key not in self._files:
-            if not Path(key).is_file():
-                raise CheckpointError(f"{key}: statistics file not found")
-            self._files[key] = Checkpoint.from_file(key)
-        stats = self._files[key]
+        stats = self._open(path)
         if name not in stats:
             return None
         shape = stats.shape(name)

@@ -6,7 +6,13 @@ Per tensor, with δ = θ − θ_A and Δ_k = θ_k − θ_A (experts' deltas from
 
 δ̄ = Σ_k w_k F̂_k Δ_k / Σ_k w_k F̂_k (the Fisher merge; F̂ = F / mean F), D its floored metric, P the
 projector onto the anchor's alignment subspace (U, V from ``alignmerge subspace``), F̂_align the anchor's
-normalised diagonal Fisher on the alignment data, B = (ρ‖P(δ̄)‖)². 2-D weights with a subspace: the
+normalised diagonal Fisher on the alignment data, B = (ρ‖P(δ̄)‖)². Each tensor t solves with its own
+λ_t = λ_align·r_t^γ (``tensor_lambda_power`` γ, default 3; r_t clipped to [1/8, 8]), r_t = the tensor's share
+of the anchor's alignment Fisher over its share of the experts' Fisher (whole-model means): the normalised
+terms above are blind to how much a tensor matters for alignment against the skill, and on the demo zoo a
+uniform λ spent the skill in the layers where the alignment Fisher is small (the first MLP), while the
+misaligned expert's damage sits where it is large (the last MLP's down-projection, r = 6.8; the LM head).
+2-D weights with a subspace: the
 solver (``alignmerge.solver.solve_weight``, PCG on (D + μP + λ_align β F̂_align)δ = Dδ̄ with the budget's
 fixed point); other 2-D tensors: the same without P (closed form); 1-D tensors: the Fisher merge δ̄.
 
@@ -36,12 +42,16 @@ w_k ∝ exp(−(ℓ_align,k − min_j ℓ_align,j)/T) · exp(−(ℓ_data,k − 
 1 and multiplied by the configured ``weight``. The run writes ``alignmerge_report.json`` in the merged
 directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iterations; per round λ_align and AQI.
 
-Default: both terms (P and F_align, β = 1) at λ_align = 0.25 as the loop's start, budget off, rank 16,
-w_k from the config. On the demo zoo (seed 0, misaligned expert) λ_align = 0 lost every refusal (0.04)
-while λ_align = 0.25 kept them all (1.0) with 0.99 of the expert's skill; λ_align = 1 still kept them
-with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
+Default: both terms (P and F_align, β = 1) at λ_align = 0.5 as the loop's start with per-tensor λ_t (γ = 3),
+budget off, rank 16, w_k from the config. On the demo zoo's misaligned scenario (held-out refusal / skill,
+seed 0 | seed 1 over-refusal): one λ for all tensors (γ = 0) at 0.25 gave 1.000 / 0.986 | 0.196; γ = 3 at
+λ 0.25, 0.5, 1 gave 1.000 / 0.995 | 0.302, 1.000 / 0.991 | 0.209, 1.000 / 0.986 | 0.129 (γ = 1: 0.986 | 0.249;
+γ = 6 at λ 1: 0.991 | 0.204). With γ = 0 (earlier runs, seed 0): λ_align = 0 lost every refusal (0.04);
+λ_align = 1 kept them with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90);
+λ_align = 10 cut skill to 0.41.
 
-Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, lambda_budget, budget (ρ),
+Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, tensor_lambda_power (γ),
+lambda_budget, budget (ρ),
 rank, beta, aqi_tolerance (τ, AQI points), max_rounds, use_projector, use_align_fisher, use_budget,
 use_aqi_loop, anchor_weight (λ_A of an anchor Fisher term in L_geo, its Fisher = F_align),
 fisher_floor, falign_1d (apply the F_align term to 1-D tensors too), expert_weights (config | data),
@@ -65,6 +75,8 @@ from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, me
 from alignmerge.methods.fisher import FisherTotals, expert_fisher
 
 REPORT_NAME = "alignmerge_report.json"
+TENSOR_RATIO_CLIP = 8.0
+"""r_t is clipped to [1/8, 8] before the power: at γ = 3 no tensor's λ moves more than 512x (keeps CG well conditioned)."""
 
 
 @register
@@ -75,7 +87,7 @@ class AlignMerge(MergeMethod):
     elementwise = False  # the projector and the budget couple every element of a weight (see ``chunkable``)
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
     method_parameters = {
-        "lambda_align": 0.25, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
+        "lambda_align": 0.5, "tensor_lambda_power": 3.0, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
         "aqi_tolerance": 5.0, "refusal_tolerance": 0.05, "over_refusal_tolerance": 0.1, "max_rounds": 4,
         "use_projector": True, "use_align_fisher": True, "use_budget": True, "use_aqi_loop": True,
         "anchor_weight": 0.0, "fisher_floor": 0.1, "falign_1d": False,
@@ -144,6 +156,29 @@ class AlignMerge(MergeMethod):
 
         return FisherTotals(stat_of, k_experts + 1)
 
+    def _tensor_lambda(self, inputs: TensorInputs, weights: list[float]) -> float:
+        """λ_t = λ_align · clip(r_t, 1/8, 8)^γ (γ = ``tensor_lambda_power``), r_t = a_t / s_t: the tensor's share of
+        the anchor's alignment Fisher, a_t = mean F_align,t / mean F_align (whole-model means), over its share of
+        the experts' Fisher, s_t = Σ_k w_k (mean F_k,t / mean F_k) / Σ_k w_k. λ_align itself when γ = 0 or there is
+        no F_align file."""
+        p = inputs.method_params
+        lam, power = float(p["lambda_align"]), float(p["tensor_lambda_power"])
+        if power == 0.0 or p["align_fisher"] is None or lam == 0.0:
+            return lam
+        align_means, align_whole = self._files.means(p["align_fisher"])
+        shares = []
+        for k, params in enumerate(inputs.params):
+            if params.get("fisher") is None:
+                raise ConfigError(f"{self.name}: tensor_lambda_power needs every expert's Fisher as a file (model {k} "
+                                  "has none); set tensor_lambda_power: 0 to use one λ_align for every tensor")
+            means, whole = self._files.means(params["fisher"])
+            shares.append(means.get(inputs.name, 0.0) / whole if whole > 0 else 0.0)
+        skill = sum(w * s for w, s in zip(weights, shares)) / sum(weights) if sum(weights) > 0 else 0.0
+        align = align_means.get(inputs.name, 0.0) / align_whole if align_whole > 0 else 0.0
+        ratio = align / skill if skill > 0 else (TENSOR_RATIO_CLIP if align > 0 else 1.0)
+        ratio = min(max(ratio, 1.0 / TENSOR_RATIO_CLIP), TENSOR_RATIO_CLIP)
+        return lam * ratio ** power
+
     def merge(self, inputs: TensorInputs, *, out_dtype, out=None, backend=None):
         from alignmerge.solver import WholeTensorMeans, solve_weight
 
@@ -160,6 +195,7 @@ class AlignMerge(MergeMethod):
             u = u.to(anchor.device) if u is not None else None
             v = v.to(anchor.device) if v is not None else None
         f_align = self._align_fisher(inputs)
+        lambda_align = self._tensor_lambda(inputs, weights)
         means, solve_options = None, {}
         if inputs.state is not None:  # a row chunk: normalise by the whole tensor's means
             sums = [s / c if c else 0.0 for s, c in inputs.state.sums]
@@ -171,7 +207,7 @@ class AlignMerge(MergeMethod):
         anchor_weight = float(p["anchor_weight"]) if f_align is not None else 0.0
         result = solve_weight(
             anchor, list(inputs.models), fishers, weights=weights, u=u, v=v, f_align=f_align,
-            lambda_align=float(p["lambda_align"]), beta=float(p["beta"]), lambda_budget=float(p["lambda_budget"]),
+            lambda_align=lambda_align, beta=float(p["beta"]), lambda_budget=float(p["lambda_budget"]),
             rho=float(p["budget"]), use_projector=bool(p["use_projector"]), use_falign=use_falign,
             use_budget=bool(p["use_budget"]), anchor_fisher=f_align if anchor_weight > 0 else None,
             anchor_weight=anchor_weight, fisher_floor=float(p["fisher_floor"]), tol=float(p["cg_tol"]),
@@ -179,7 +215,7 @@ class AlignMerge(MergeMethod):
         if p["diagnostics"] is not None:
             append_diagnostics(p["diagnostics"], {
                 "name": inputs.name, "shape": list(anchor.shape), "projector": u is not None or v is not None,
-                "element_offset": inputs.element_offset, **result.stats.as_dict()})
+                "element_offset": inputs.element_offset, "lambda_align": lambda_align, **result.stats.as_dict()})
         merged = anchor.to(torch.float32) + result.delta
         return merged_result(merged, out, out_dtype)
 
