@@ -23,12 +23,12 @@ on the demo zoo a merge can lose every refusal with its AQI unchanged, since AQI
 responses; and, unless ``over_refusal_tolerance`` is null, the probe over-refusal (the same on its harmless
 prompts) rises more than that above the anchor's, since a misaligned expert can also bring refusals of
 harmless requests (on the demo zoo neither seed 0 nor 1 tripped it: held-out over-refusal 0.20 on seed 1 at
-λ_align = 0.25 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
+λ_align = 0.5, γ = 3 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
 merges in all; after the first passing λ, the remaining rounds bisect between the last failing and the
 first passing λ, and the smallest passing λ is kept (the least constrained merge that keeps alignment). A
 starting λ that passes is kept as it is: ``lambda_align`` is the least constraint the run applies, since
 loosening below it on the demo zoo passed the train-split probes while held-out over-refusal doubled
-(seed 1: 0.20 at λ = 0.25, 0.41 at the 0.03 the probes accepted).
+(seed 1, one λ for every tensor: 0.20 at λ = 0.25, 0.41 at the 0.03 the probes accepted).
 If none passes, the largest λ tried is kept and the report says so. Probes: the builtin corpora's
 *train* split (aligned = refusals to harmful requests + helpful answers; misaligned = compliance), so the
 held-out probes of ``alignmerge eval`` stay untouched; or a JSONL of {prompt, response, label} records.
