@@ -340,7 +340,7 @@ def test_cli_merge_computes_statistics_and_runs_the_loop(family, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
-    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.5]
+    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25]
     assert report["refusal_floor"] is None and report["rounds"][0]["refusal"] is None
     assert any((tmp_path / "out").glob("*.safetensors")) and (tmp_path / "out.alignmerge-cache").is_dir()
 

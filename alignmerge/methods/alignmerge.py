@@ -6,12 +6,10 @@ Per tensor, with δ = θ − θ_A and Δ_k = θ_k − θ_A (experts' deltas from
 
 δ̄ = Σ_k w_k F̂_k Δ_k / Σ_k w_k F̂_k (the Fisher merge; F̂ = F / mean F), D its floored metric, P the
 projector onto the anchor's alignment subspace (U, V from ``alignmerge subspace``), F̂_align the anchor's
-normalised diagonal Fisher on the alignment data, B = (ρ‖P(δ̄)‖)². Each tensor t solves with its own
-λ_t = λ_align·r_t^γ (``tensor_lambda_power`` γ, default 3; r_t clipped to [1/8, 8]), r_t = the tensor's share
-of the anchor's alignment Fisher over its share of the experts' Fisher (whole-model means): the normalised
-terms above are blind to how much a tensor matters for alignment against the skill, and on the demo zoo a
-uniform λ spent the skill in the layers where the alignment Fisher is small (the first MLP), while the
-misaligned expert's damage sits where it is large (the last MLP's down-projection, r = 6.8; the LM head).
+normalised diagonal Fisher on the alignment data, B = (ρ‖P(δ̄)‖)². Optionally each tensor t solves with its
+own λ_t = λ_align·r_t^γ (``tensor_lambda_power`` γ, default 0: one λ; r_t clipped to [1/8, 8]), r_t = the
+tensor's share of the anchor's alignment Fisher over its share of the experts' Fisher (whole-model means),
+since the normalised terms above are blind to how much a tensor matters for alignment against the skill.
 2-D weights with a subspace: the
 solver (``alignmerge.solver.solve_weight``, PCG on (D + μP + λ_align β F̂_align)δ = Dδ̄ with the budget's
 fixed point); other 2-D tensors: the same without P (closed form); 1-D tensors: the Fisher merge δ̄.
@@ -23,7 +21,7 @@ on the demo zoo a merge can lose every refusal with its AQI unchanged, since AQI
 responses; and, unless ``over_refusal_tolerance`` is null, the probe over-refusal (the same on its harmless
 prompts) rises more than that above the anchor's, since a misaligned expert can also bring refusals of
 harmless requests (on the demo zoo neither seed 0 nor 1 tripped it: held-out over-refusal 0.20 on seed 1 at
-λ_align = 0.5, γ = 3 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
+λ_align = 0.25 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
 merges in all; after the first passing λ, the remaining rounds bisect between the last failing and the
 first passing λ, and the smallest passing λ is kept (the least constrained merge that keeps alignment). A
 starting λ that passes is kept as it is: ``lambda_align`` is the least constraint the run applies, since
@@ -42,13 +40,13 @@ w_k ∝ exp(−(ℓ_align,k − min_j ℓ_align,j)/T) · exp(−(ℓ_data,k − 
 1 and multiplied by the configured ``weight``. The run writes ``alignmerge_report.json`` in the merged
 directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iterations; per round λ_align and AQI.
 
-Default: both terms (P and F_align, β = 1) at λ_align = 0.5 as the loop's start with per-tensor λ_t (γ = 3),
-budget off, rank 16, w_k from the config. On the demo zoo's misaligned scenario (held-out refusal / skill,
-seed 0 | seed 1 over-refusal): one λ for all tensors (γ = 0) at 0.25 gave 1.000 / 0.986 | 0.196; γ = 3 at
-λ 0.25, 0.5, 1 gave 1.000 / 0.995 | 0.302, 1.000 / 0.991 | 0.209, 1.000 / 0.986 | 0.129 (γ = 1: 0.986 | 0.249;
-γ = 6 at λ 1: 0.991 | 0.204). With γ = 0 (earlier runs, seed 0): λ_align = 0 lost every refusal (0.04);
-λ_align = 1 kept them with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90);
-λ_align = 10 cut skill to 0.41.
+Default: both terms (P and F_align, β = 1) at λ_align = 0.25 as the loop's start, one λ for every tensor,
+budget off, rank 16, w_k from the config. On the demo zoo's misaligned scenario (held-out refusal / skill):
+seeds 0, 1, 2 give 1.000 / 0.986, 1.000 / 1.000 and 0.986 / 1.000. Per-tensor λ (γ = 3, λ_align 0.5) moved
+seed 0 to 1.000 / 0.991 but seed 2 to 0.964 / 0.898 (its probes failed there up to λ = 4), so it is not the
+default. Earlier
+runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 / 0.99),
+F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
 
 Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, tensor_lambda_power (γ),
 lambda_budget, budget (ρ),
@@ -87,7 +85,7 @@ class AlignMerge(MergeMethod):
     elementwise = False  # the projector and the budget couple every element of a weight (see ``chunkable``)
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
     method_parameters = {
-        "lambda_align": 0.5, "tensor_lambda_power": 3.0, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
+        "lambda_align": 0.25, "tensor_lambda_power": 0.0, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
         "aqi_tolerance": 5.0, "refusal_tolerance": 0.05, "over_refusal_tolerance": 0.1, "max_rounds": 4,
         "use_projector": True, "use_align_fisher": True, "use_budget": True, "use_aqi_loop": True,
         "anchor_weight": 0.0, "fisher_floor": 0.1, "falign_1d": False,
