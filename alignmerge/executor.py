@@ -1,8 +1,8 @@
 """Execution: run a MergePlan tensor by tensor with bounded memory, overlapping read, merge and write.
 
 A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused buffers
-(pinned on CUDA, copied to the device on a separate stream), counting NaN/Inf block by block as the
-data arrives; the main thread merges the current unit into one of two reused output buffers; a
+(pinned on CUDA, copied to the device on a separate stream; memory maps on CPU), counting NaN/Inf as the
+data arrives unless the method's output check covers its inputs; the main thread merges the current unit into one of two reused output buffers; a
 write-behind thread checks, checksums and writes the previous result to the ShardedWriter. No fresh
 allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of inputs + two outputs.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import torch

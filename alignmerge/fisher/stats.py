@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from alignmerge.errors import CheckpointError, ConfigError
@@ -124,8 +125,6 @@ class StatsReader:
     def means(self, path) -> tuple[dict[str, float], float]:
         """({tensor: mean}, whole-file mean over every element) of a statistics file: one pass in row blocks
         of at most ``MEANS_BLOCK_BYTES`` (bounded memory for 128k-vocabulary embeddings), cached per file."""
-        import math
-
         import torch
 
         key = str(path)
