@@ -73,7 +73,8 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
 
     ``max_memory`` bounds the host buffers: tensors whose inputs exceed a third of it are merged in
     row chunks (two chunks are in flight with ``prefetch``, which also writes results on write-behind
-    threads; without it every read, merge and write happens in turn). ``resume`` continues an interrupted run from its completed, checksum-verified shards.
+    threads; without it every read, merge and write happens in turn). ``resume`` continues an interrupted
+    run from its completed, checksum-verified shards.
     """
     if not isinstance(config, MergeConfig):
         config = load_config(config)
