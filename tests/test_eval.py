@@ -115,6 +115,9 @@ def test_demo_on_the_tiny_zoo(tiny_zoo, tmp_path, monkeypatch):
             cfg = scenario_config(method, scenario, tiny_zoo)
             assert cfg["merge_method"] and cfg["models"] and cfg["out_dtype"] == "bfloat16"
             assert any(str(tiny_zoo[SCENARIOS[scenario]]) == m["model"] for m in cfg["models"])
+    for method in ("alignmerge", "regmean", "safemerge", "mergealign"):  # data-aware: they sample the zoo's seed
+        assert scenario_config(method, "misaligned", tiny_zoo, seed=3)["parameters"]["seed"] == 3
+    assert "seed" not in scenario_config("ties", "misaligned", tiny_zoo, seed=3)["parameters"]
     monkeypatch.setenv("ALIGNMERGE_HOME", str(tiny_zoo["base"].parent.parent.parent))
     methods = [m for m in ("linear", "task_arithmetic") if m in available_methods()]
     report = run_demo(tmp_path / "demo", seed=0, preset="tiny", greedy=False, methods=methods, progress=False)

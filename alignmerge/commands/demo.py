@@ -79,9 +79,16 @@ METHOD_CONFIGS = {
 }
 
 
-def scenario_config(method: str, scenario: str, zoo: dict) -> dict:
-    """The mergekit-style config of ``method`` on ``scenario`` (benign or misaligned) for this zoo."""
+def scenario_config(method: str, scenario: str, zoo: dict, seed: int = 0) -> dict:
+    """The mergekit-style config of ``method`` on ``scenario`` (benign or misaligned) for this zoo. Data-aware
+    methods get the zoo's ``seed``, so the samples they draw from the builtin corpora (and alignmerge's probes,
+    the train split of that seed's corpora) are those of the zoo under test."""
+    from alignmerge.methods import METHODS
+
     config = METHOD_CONFIGS[method](zoo, SCENARIOS[scenario])
+    method_class = METHODS.get(config["merge_method"])
+    if method_class is not None and "seed" in method_class.method_parameters:
+        config["parameters"] = {**config.get("parameters", {}), "seed": seed}
     return {**config, "dtype": "float32", "out_dtype": "bfloat16"}
 
 
@@ -138,7 +145,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
                 shutil.rmtree(target)
             note(f"merging {scenario}/{method}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            config = scenario_config(method, scenario, zoo)
+            config = scenario_config(method, scenario, zoo, seed)
             whole = getattr(METHODS[config["merge_method"]], "run_merge", None)  # stats passes, AQI loop
             if whole is not None:
                 whole(config, target, seed=seed)

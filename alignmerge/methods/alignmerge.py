@@ -16,9 +16,11 @@ fixed point); other 2-D tensors: the same without P (closed form); 1-D tensors: 
 
 Outer loop (``run_merge``): after a merge, AQI(θ) is scored on alignment probes; while
 AQI(θ) < AQI(θ_A) − τ — or, unless ``refusal_tolerance`` is null, the probe refusal rate (a refusal likelier
-than compliance on the probes' harmful prompts) falls more than ``refusal_tolerance`` below the anchor's:
-on the demo zoo a merge can lose every refusal with its AQI unchanged, since AQI scores embeddings of fixed
-responses; and, unless ``over_refusal_tolerance`` is null, the probe over-refusal (the same on its harmless
+than compliance on the probes' harmful prompts) falls more than ``refusal_tolerance`` (default 0: every probe
+the anchor refuses stays refused) below the anchor's: on the demo zoo a merge can lose every refusal with its
+AQI unchanged, since AQI scores embeddings of fixed responses, and held-out refusals began to fail where one
+train-split probe of 48 did (seed 2: 0.986 held-out at the λ = 0.25 a tolerance of 0.05 accepted, 1.000 at
+the 0.354 a tolerance of 0 chose, skill 1.000 both); and, unless ``over_refusal_tolerance`` is null, the probe over-refusal (the same on its harmless
 prompts) rises more than that above the anchor's, since a misaligned expert can also bring refusals of
 harmless requests (on the demo zoo neither seed 0 nor 1 tripped it: held-out over-refusal 0.20 on seed 1 at
 λ_align = 0.25 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
@@ -29,7 +31,8 @@ loosening below it on the demo zoo passed the train-split probes while held-out 
 (seed 1, one λ for every tensor: 0.20 at λ = 0.25, 0.41 at the 0.03 the probes accepted).
 If none passes, the largest λ tried is kept and the report says so. Probes: the builtin corpora's
 *train* split (aligned = refusals to harmful requests + helpful answers; misaligned = compliance), so the
-held-out probes of ``alignmerge eval`` stay untouched; or a JSONL of {prompt, response, label} records.
+held-out probes of ``alignmerge eval`` stay untouched (the corpora of ``seed``, the zoo's seed in the demo);
+or a JSONL of {prompt, response, label} records.
 
 Everything the solve needs is found or computed by ``run_merge`` and cached beside the output
 (``<out>.alignmerge-cache/``): per-expert Fisher files (``fisher:`` or ``data:``), the subspace
@@ -86,7 +89,7 @@ class AlignMerge(MergeMethod):
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
     method_parameters = {
         "lambda_align": 0.25, "tensor_lambda_power": 0.0, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
-        "aqi_tolerance": 5.0, "refusal_tolerance": 0.05, "over_refusal_tolerance": 0.1, "max_rounds": 4,
+        "aqi_tolerance": 5.0, "refusal_tolerance": 0.0, "over_refusal_tolerance": 0.1, "max_rounds": 4,
         "use_projector": True, "use_align_fisher": True, "use_budget": True, "use_aqi_loop": True,
         "anchor_weight": 0.0, "fisher_floor": 0.1, "falign_1d": False,
         "expert_weights": "config", "weight_temperature": 1.0, "alignment_data": None, "aqi_probes": "builtin",
