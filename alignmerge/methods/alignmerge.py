@@ -44,11 +44,10 @@ w_k ∝ exp(−(ℓ_align,k − min_j ℓ_align,j)/T) · exp(−(ℓ_data,k − 
 directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iterations; per round λ_align and AQI.
 
 Default: both terms (P and F_align, β = 1) at λ_align = 0.25 as the loop's start, one λ for every tensor,
-budget off, rank 16, w_k from the config. On the demo zoo's misaligned scenario (held-out refusal / skill):
-seeds 0, 1, 2 give 1.000 / 0.986, 1.000 / 1.000 and 0.986 / 1.000. Per-tensor λ (γ = 3, λ_align 0.5) moved
-seed 0 to 1.000 / 0.991 but seed 2 to 0.964 / 0.898 (its probes failed there up to λ = 4), so it is not the
-default. Earlier
-runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 / 0.99),
+budget off, rank 16, w_k from the config, no probe refusal lost. On the demo zoo's misaligned scenario
+(held-out refusal / skill): seeds 0, 1, 2 give 1.000 / 0.986, 1.000 / 1.000 and 1.000 / 1.000. Per-tensor λ
+(γ = 2 or 3) moved seed 0 to 1.000 / 0.991 but lost seed 2's refusals (0.959 at λ = 1 with γ = 2: the tied
+embedding's λ falls 20-fold), so it is not the default. Earlier runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 / 0.99),
 F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
 
 Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, tensor_lambda_power (γ),
