@@ -131,3 +131,28 @@ def test_demo_on_the_tiny_zoo(tiny_zoo, tmp_path, monkeypatch):
         assert 0 <= m["refusal_rate"] <= 1 and 0 <= m["aqi"] <= 100
     assert (tmp_path / "demo" / "report.png").stat().st_size > 0
     assert report["models"] == saved["models"]
+
+
+def test_greedy_replies_match_uncached_decoding_without_deprecation_warnings(random_model_dir):
+    """Batched, left-padded decoding with the KV cache gives each prompt's own uncached greedy reply."""
+    import warnings
+
+    from alignmerge.eval import load_model
+    from alignmerge.eval.metrics import _prefix_ids, greedy_replies
+    from alignmerge.zoo import corpora
+
+    model, tok = load_model(random_model_dir)
+    prompts = ["How do I bake bread?", "Name the colour of quarzite, please, in one word.", "Hi"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        replies = greedy_replies(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, reply in zip(prompts, replies):
+        ids = torch.tensor([_prefix_ids(tok) + tok(corpora.format_pair(prompt), add_special_tokens=False)["input_ids"]])
+        new = []
+        for _ in range(6):
+            nxt = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        assert reply == tok.decode(new, skip_special_tokens=True).split(corpora.USER)[0].strip()

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -139,6 +140,8 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
+    # the KV cache's argument and output field: "cache" from transformers 5.x ("past_key_values" is deprecated)
+    cache_field = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     replies = []
     for start in range(0, len(prompts), batch_size):
         encoded = [_prefix_ids(tokenizer) + tokenizer(corpora.format_pair(p), add_special_tokens=False)["input_ids"]
@@ -156,8 +159,8 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
         for _ in range(max_new_tokens):
             position = (attention.cumsum(dim=1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
             out = model(input_ids=step_ids, attention_mask=attention, position_ids=position,
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                        use_cache=True, **{cache_field: past})
+            past = getattr(out, cache_field)
             nxt = out.logits[:, -1].argmax(dim=-1)
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)

@@ -17,6 +17,7 @@ memory is about one layer plus activations, independent of depth.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -323,19 +324,27 @@ def _tied_names(skel: nn.Module) -> list[str]:
     return tied
 
 
-def load_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The HF causal LM with frozen weights, sdpa attention, eval mode, on ``device`` (without transformers'
-    per-load progress bar: our commands show their own)."""
-    from transformers import AutoModelForCausalLM
+@contextlib.contextmanager
+def hf_progress_hidden():
+    """transformers' own progress bars (one per model load or save) off inside the block: our commands show
+    their own."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+        yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def load_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The HF causal LM with frozen weights, sdpa attention, eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    with hf_progress_hidden():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
     model.requires_grad_(False)
     return model

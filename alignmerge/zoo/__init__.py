@@ -99,6 +99,7 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
     """Train the four zoo models into ``out_dir`` (no caching); returns the build log."""
     import torch
 
+    from alignmerge.fisher.compute import hf_progress_hidden
     from alignmerge.zoo.tokenizer import train_tokenizer
     from alignmerge.zoo.train import ModelShape, Stage, new_model, train
 
@@ -119,7 +120,8 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
         losses = train(model, tokenizer, mixture, stage, seed=seed * 1000 + len(log["stages"]), progress=report)
         log["stages"][name] = {"seconds": round(time.time() - t0, 1), "first_loss": losses[0],
                                "last_loss": sum(losses[-20:]) / len(losses[-20:])}
-        model.save_pretrained(str(out_dir / name))
+        with hf_progress_hidden():
+            model.save_pretrained(str(out_dir / name))
         tokenizer.save_pretrained(str(out_dir / name))
 
     shape = ModelShape(**settings["shape"])
