@@ -112,12 +112,12 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
         spec = settings[name]
         stage = Stage(steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"], warmup=spec["warmup"])
         t0 = time.time()
-        report = None
-        if progress:
-            def report(step: int, loss: float) -> None:
-                if step % 100 == 0 or step == stage.steps - 1:
-                    print(f"  zoo {name}: step {step + 1}/{stage.steps} loss {loss:.3f}", file=sys.stderr)
-        losses = train(model, tokenizer, mixture, stage, seed=seed * 1000 + len(log["stages"]), progress=report)
+
+        def report(step: int, loss: float) -> None:
+            if step % 100 == 0 or step == stage.steps - 1:
+                print(f"  zoo {name}: step {step + 1}/{stage.steps} loss {loss:.3f}", file=sys.stderr)
+        losses = train(model, tokenizer, mixture, stage, seed=seed * 1000 + len(log["stages"]),
+                       progress=report if progress else None)
         log["stages"][name] = {"seconds": round(time.time() - t0, 1), "first_loss": losses[0],
                                "last_loss": sum(losses[-20:]) / len(losses[-20:])}
         with hf_progress_hidden():
