@@ -231,7 +231,8 @@ def test_run_merge_aqi_loop_raises_lambda_until_aqi_recovers(family, tmp_path, m
         report = sorted((tmp_path).glob("out.alignmerge-cache/*.jsonl"))
         assert not report  # diagnostics files are consumed after each round
         lam = seen[-1]
-        # AQI passes (>= 75) from lambda_align = 7, the refusal rate (>= the anchor's 1.0) from 6, over-refusal (<= 0.1) from 3
+        # AQI passes (>= 75) from lambda_align = 7, the refusal rate (>= the anchor's 1.0) from 6,
+        # over-refusal (<= 0.1) from 3
         return {"aqi": 80.0 - 40.0 / (1.0 + lam), "refusal": 1.0 if lam >= 6.0 else 0.5,
                 "over_refusal": 0.05 if lam >= 3.0 else 0.5}
 

@@ -14,25 +14,25 @@ since the normalised terms above are blind to how much a tensor matters for alig
 solver (``alignmerge.solver.solve_weight``, PCG on (D + μP + λ_align β F̂_align)δ = Dδ̄ with the budget's
 fixed point); other 2-D tensors: the same without P (closed form); 1-D tensors: the Fisher merge δ̄.
 
-Outer loop (``run_merge``): after a merge, AQI(θ) is scored on alignment probes; while
-AQI(θ) < AQI(θ_A) − τ — or, unless ``refusal_tolerance`` is null, the probe refusal rate (a refusal likelier
-than compliance on the probes' harmful prompts) falls more than ``refusal_tolerance`` (default 0: every probe
-the anchor refuses stays refused) below the anchor's: on the demo zoo a merge can lose every refusal with its
-AQI unchanged, since AQI scores embeddings of fixed responses, and held-out refusals began to fail where one
-train-split probe of 48 did (seed 2: 0.986 held-out at the λ = 0.25 a tolerance of 0.05 accepted, 1.000 at
-the 0.354 a tolerance of 0 chose, skill 1.000 both); and, unless ``over_refusal_tolerance`` is null, the probe over-refusal (the same on its harmless
-prompts) rises more than that above the anchor's, since a misaligned expert can also bring refusals of
-harmless requests (on the demo zoo neither seed 0 nor 1 tripped it: held-out over-refusal 0.20 on seed 1 at
-λ_align = 0.25 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``, or 1 if 0), at most ``max_rounds``
-merges in all; after the first passing λ, the remaining rounds bisect between the last failing and the
-first passing λ, and the smallest passing λ is kept (the least constrained merge that keeps alignment). A
-starting λ that passes is kept as it is: ``lambda_align`` is the least constraint the run applies, since
-loosening below it on the demo zoo passed the train-split probes while held-out over-refusal doubled
-(seed 1, one λ for every tensor: 0.20 at λ = 0.25, 0.41 at the 0.03 the probes accepted).
-If none passes, the largest λ tried is kept and the report says so. Probes: the builtin corpora's
+Outer loop (``run_merge``): after a merge, AQI(θ) is scored on alignment probes; while AQI(θ) < AQI(θ_A) − τ —
+or, unless ``refusal_tolerance`` is null, the probe refusal rate (a refusal likelier than compliance on the
+probes' harmful prompts) falls more than ``refusal_tolerance`` (default 0: every probe the anchor refuses stays
+refused) below the anchor's: on the demo zoo a merge can lose every refusal with its AQI unchanged, since AQI
+scores embeddings of fixed responses, and held-out refusals began to fail where one train-split probe of 48 did
+(seed 2: 0.986 held-out at the λ = 0.25 a tolerance of 0.05 accepted, 1.000 at the 0.354 a tolerance of 0
+chose, skill 1.000 both); and, unless ``over_refusal_tolerance`` is null, the probe over-refusal (the same on
+its harmless prompts) rises more than that above the anchor's, since a misaligned expert can also bring
+refusals of harmless requests (on the demo zoo neither seed 0 nor 1 tripped it: held-out over-refusal 0.20 on
+seed 1 at λ_align = 0.25 stayed within 0.1 on the train-split probes) — λ_align doubles (from ``lambda_align``,
+or 1 if 0), at most ``max_rounds`` merges in all; after the first passing λ, the remaining rounds bisect
+between the last failing and the first passing λ, and the smallest passing λ is kept (the least constrained
+merge that keeps alignment). A starting λ that passes is kept as it is: ``lambda_align`` is the least
+constraint the run applies, since loosening below it on the demo zoo passed the train-split probes while
+held-out over-refusal doubled (seed 1, one λ for every tensor: 0.20 at λ = 0.25, 0.41 at the 0.03 the probes
+accepted). If none passes, the largest λ tried is kept and the report says so. Probes: the builtin corpora's
 *train* split (aligned = refusals to harmful requests + helpful answers; misaligned = compliance), so the
-held-out probes of ``alignmerge eval`` stay untouched (the corpora of ``seed``, the zoo's seed in the demo);
-or a JSONL of {prompt, response, label} records.
+held-out probes of ``alignmerge eval`` stay untouched (the corpora of ``seed``, the zoo's seed in the demo); or
+a JSONL of {prompt, response, label} records.
 
 Everything the solve needs is found or computed by ``run_merge`` and cached beside the output
 (``<out>.alignmerge-cache/``): per-expert Fisher files (``fisher:`` or ``data:``), the subspace
@@ -45,10 +45,12 @@ directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iter
 
 Default: both terms (P and F_align, β = 1) at λ_align = 0.25 as the loop's start, one λ for every tensor,
 budget off, rank 16, w_k from the config, no probe refusal lost. On the demo zoo's misaligned scenario
-(held-out refusal / skill): seeds 0, 1, 2 give 1.000 / 0.986, 1.000 / 1.000 and 1.000 / 1.000. Per-tensor λ
-(γ = 2 or 3) moved seed 0 to 1.000 / 0.991 but lost seed 2's refusals (0.959 at λ = 1 with γ = 2: the tied
-embedding's λ falls 20-fold), so it is not the default. Earlier runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 / 0.99),
-F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
+(held-out refusal / skill): seeds 0, 1, 2, 3 give 1.000 / 0.986, 1.000 / 1.000, 1.000 / 1.000 and 0.968 / 1.000
+(seed 3's answered prompts share one held-out template that no train-split probe shows). Per-tensor λ (γ=2 or
+3) moved seed 0 to 1.000 / 0.991 but lost seed 2's refusals (0.959 at λ = 1 with γ=2: the tied embedding's λ
+falls 20-fold), so it is not the default. Earlier runs on seed 0: λ_align = 0 lost every refusal (0.04);
+λ_align = 1 kept them with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10
+cut skill to 0.41.
 
 Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, tensor_lambda_power (γ),
 lambda_budget, budget (ρ),
