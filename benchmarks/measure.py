@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -43,26 +44,34 @@ def _vm_hwm_kb(pid: int) -> int | None:
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
     """Run a command; return (wall seconds, peak RSS in GB of the child, exit code).
 
-    Peak RSS is the child's VmHWM, polled every 20 ms until it exits (ru_maxrss would report the
-    resident pages of this large benchmark process, which the child shares until it execs).
+    Peak RSS is the child's VmHWM, polled every 20 ms by a thread until it exits (ru_maxrss would report
+    the resident pages of this large benchmark process, which the child shares until it execs); the wall
+    time ends when ``wait`` returns, not at the next poll.
     """
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
-        peak = 0
-        while proc.poll() is None:
-            # until it execs, the child reports the parent's mappings: count the exec'd program only
-            hwm = _vm_hwm_kb(proc.pid) if _execd(proc.pid) else None
-            if hwm is not None:
-                peak = max(peak, hwm)
-            time.sleep(0.02)
+        peak = [0]
+        exited = threading.Event()
+
+        def poll_peak() -> None:
+            while not exited.wait(0.02):
+                # until it execs, the child reports the parent's mappings: count the exec'd program only
+                hwm = _vm_hwm_kb(proc.pid) if _execd(proc.pid) else None
+                if hwm is not None:
+                    peak[0] = max(peak[0], hwm)
+
+        poller = threading.Thread(target=poll_peak, daemon=True)
+        poller.start()
+        code = proc.wait()
         wall = time.perf_counter() - start
-        code = proc.returncode
+        exited.set()
+        poller.join()
         if code != 0:
             err.seek(0)
             tail = err.read().decode(errors="replace")[-3000:]
             print(f"command failed ({code}): {' '.join(cmd)}\n{tail}", file=sys.stderr)
-    return wall, peak / 1e6, code
+    return wall, peak[0] / 1e6, code
 
 
 def _execd(pid: int) -> bool:
