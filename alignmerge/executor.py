@@ -1,10 +1,11 @@
 """Execution: run a MergePlan tensor by tensor with bounded memory, overlapping read, merge and write.
 
-A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused buffers
-(pinned on CUDA, copied to the device on a separate stream; memory maps on CPU), counting NaN/Inf as the
-data arrives unless the method's output check covers its inputs; the main thread merges the current unit into one of two reused output buffers; a
-write-behind thread checks, checksums and writes the previous result to the ShardedWriter. No fresh
-allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of inputs + two outputs.
+A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused buffers (pinned on
+CUDA, copied to the device on a separate stream; memory maps on CPU), counting NaN/Inf as the data arrives
+unless the method's output check covers its inputs; the main thread merges the current unit into one of two
+reused output buffers; a write-behind thread checks, checksums and writes the previous result to the
+ShardedWriter. No fresh allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of
+inputs + two outputs.
 """
 from __future__ import annotations
 

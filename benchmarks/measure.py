@@ -51,15 +51,16 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
-        peak = [0]
+        peak = 0
         exited = threading.Event()
 
         def poll_peak() -> None:
+            nonlocal peak
             while not exited.wait(0.02):
                 # until it execs, the child reports the parent's mappings: count the exec'd program only
                 hwm = _vm_hwm_kb(proc.pid) if _execd(proc.pid) else None
                 if hwm is not None:
-                    peak[0] = max(peak[0], hwm)
+                    peak = max(peak, hwm)
 
         poller = threading.Thread(target=poll_peak, daemon=True)
         poller.start()
@@ -71,7 +72,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
             err.seek(0)
             tail = err.read().decode(errors="replace")[-3000:]
             print(f"command failed ({code}): {' '.join(cmd)}\n{tail}", file=sys.stderr)
-    return wall, peak[0] / 1e6, code
+    return wall, peak / 1e6, code
 
 
 def _execd(pid: int) -> bool:
