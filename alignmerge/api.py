@@ -45,6 +45,8 @@ class MergeResult:
     shards: list[str]
     report: dict | None = None
     """A whole-run method's report (e.g. alignmerge's AQI rounds and per-layer drift)."""
+    peak_device_bytes: int | None = None
+    """On CUDA: torch.cuda.max_memory_allocated of the merge's device when it finished (the process's peak)."""
 
 
 @contextlib.contextmanager
@@ -71,17 +73,31 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
           progress: bool = True) -> MergeResult:
     """Merge the models of ``config`` (YAML path, dict or MergeConfig) into the HF directory ``out_dir``.
 
-    ``max_memory`` bounds the host buffers: tensors whose inputs exceed a third of it are merged in
-    row chunks (two chunks are in flight with ``prefetch``, which also writes results on write-behind
-    threads; without it every read, merge and write happens in turn). ``resume`` continues an interrupted
-    run from its completed, checksum-verified shards.
+    ``max_memory`` bounds the tensor buffers and the method's working memory, on the host and, with
+    ``device="cuda"``, on the GPU (``MergeResult.peak_device_bytes`` then reports
+    torch.cuda.max_memory_allocated): tensors whose inputs exceed a third of it are merged in row chunks
+    (two chunks are in flight with ``prefetch``, which also writes results on write-behind threads;
+    without it every read, merge and write happens in turn). ``resume`` continues an interrupted run
+    from its completed, checksum-verified shards.
     """
+    result = _merge(config, out_dir, device=device, out_shard_size=out_shard_size, seed=seed, threads=threads,
+                    max_memory=max_memory, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                    overwrite=overwrite, resume=resume, prefetch=prefetch, backend=backend, progress=progress)
+    cuda = torch.device(device)
+    if cuda.type == "cuda":  # a bare "cuda" is the rank's own GPU under torchrun (see below)
+        index = cuda.index if cuda.index is not None else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        result.peak_device_bytes = torch.cuda.max_memory_allocated(index)
+    return result
+
+
+def _merge(config, out_dir, *, device, out_shard_size, seed, threads, max_memory, allow_nonfinite, allow_pickle,
+           overwrite, resume, prefetch, backend, progress) -> MergeResult:
     if not isinstance(config, MergeConfig):
         config = load_config(config)
     method_cls = get_method(config.merge_method)
     if getattr(method_cls, "run_merge", None) is not None and not method_cls.prepared(config):
         # Statistics to compute from data and/or an outer loop (alignmerge's AQI rounds): the method
-        # runs the whole merge, calling this function again with every file filled in.
+        # runs the whole merge, calling merge() again with every file filled in.
         if resume:
             raise AlignMergeError(f"--resume: {config.merge_method} computes statistics first; give the statistics "
                                   "files in the config to resume, or rerun without --resume")

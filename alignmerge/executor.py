@@ -1,10 +1,10 @@
 """Execution: run a MergePlan tensor by tensor with bounded memory, overlapping read, merge and write.
 
 A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused buffers (pinned on
-CUDA, copied to the device on a separate stream; memory maps on CPU), counting NaN/Inf as the data arrives
-unless the method's output check covers its inputs; the main thread merges the current unit into one of two
-reused output buffers; a write-behind thread checks, checksums and writes the previous result to the
-ShardedWriter. No fresh allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of
+CUDA, copied to the device on a separate stream; memory maps on CPU), counting NaN/Inf as the data arrives (on
+CUDA: on the GPU, after the copy) unless the method's output check covers its inputs; the main thread merges the
+current unit into one of two reused output buffers; a write-behind thread checks (on the GPU for CUDA results),
+checksums and writes the previous result to the ShardedWriter. No fresh allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of
 inputs + two outputs.
 """
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Executor:
         """Merge on CPU straight from memory maps of the inputs (no copy out of the page cache); on CUDA
         inputs are read into pinned buffers for the host-to-device copies."""
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copied: dict[int, object] = {}  # slot -> event after its last host-to-device copies (CUDA)
         self._out_buffers: list[torch.Tensor | None] = [None, None]  # two reused output buffers (uint8)
         self._writes: list[Future | None] = [None, None]  # the pending write of each output buffer
         self._write_pool: ThreadPoolExecutor | None = None
@@ -113,20 +114,31 @@ class Executor:
         Inputs are checked for NaN/Inf here unless the method's output check covers them
         (``MergeMethod.output_reveals_nonfinite_inputs``)."""
         task = unit.task
+        if slot in self._copied:  # the slot's pinned buffers are refilled only once their last copies are done
+            self._copied.pop(slot).synchronize()
         read = partial(self._read_input, unit, slot=slot)
         if task.copy_from_reference:
             return [read(self.plan.reference, 0, check=False)], None, None
         check = not self.allow_nonfinite and not self.plan.method.output_reveals_nonfinite_inputs
-        tensors = [read(ck, k, check=check) for k, ck in enumerate(self.plan.models)]
-        base = read(self.plan.base, len(tensors), check=check) if self.plan.base is not None else None
+        on_host = self.copy_stream is None  # on CUDA inputs are counted on the GPU, after their copies
+        tensors = [read(ck, k, check=check and on_host) for k, ck in enumerate(self.plan.models)]
+        base = read(self.plan.base, len(tensors), check=check and on_host) if self.plan.base is not None else None
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors + ([base] if base is not None else []))
-        if self.copy_stream is None:
+        if on_host:
             return tensors, base, None
         with torch.cuda.stream(self.copy_stream):
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
             base = base.to(self.device, non_blocking=True) if base is not None else None
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
+            self._copied[slot] = ready
+            if check:
+                checkpoints = [*self.plan.models, *([self.plan.base] if base is not None else [])]
+                for ck, t in zip(checkpoints, [*tensors, *([base] if base is not None else [])]):
+                    try:
+                        ck.check_finite(task.name, t)
+                    except NonFiniteError as exc:
+                        raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
         return tensors, base, ready
 
     # ---- main loop -----------------------------------------------------------------------
@@ -163,7 +175,7 @@ class Executor:
                  state: dict[int, object]) -> None:
         task = unit.task
         if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
+            self._await_copy(ready, tensors, base)
         if task.copy_from_reference:  # written from the input buffer, so before the next read reuses it
             self._write(unit, tensors[0], 0, check=False).result()
             return
@@ -181,12 +193,26 @@ class Executor:
             state.pop(task.index, None)
         self._write(unit, merged, which, check=not self.allow_nonfinite)
 
+    def _await_copy(self, ready, tensors: list[torch.Tensor], base: torch.Tensor | None) -> None:
+        """Make the compute stream wait for a unit's host-to-device copies; the device tensors, allocated on the
+        copy stream, are marked as used by the compute stream so the allocator does not hand their memory to
+        the next copy while a kernel still reads it."""
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
+        for t in [*tensors, *([base] if base is not None else [])]:
+            t.record_stream(stream)
+
     def _write(self, unit: WorkUnit, data: torch.Tensor, which: int, *, check: bool) -> Future:
         """Check, checksum and write ``data`` (output buffer ``which``) on the write-behind thread, then report
         progress; the buffer is reused only after this write completes."""
         def job() -> None:
             try:
-                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check)
+                if check and data.device.type == "cuda":  # counted on the GPU, before the copy to the host
+                    from alignmerge.ops import count_nonfinite
+
+                    if count_nonfinite(data):
+                        raise NonFiniteError(f"merged tensor {unit.task.name!r} contains NaN or Inf")
+                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check and data.device.type != "cuda")
             except NonFiniteError:
                 if self.plan.method.output_reveals_nonfinite_inputs:
                     self._name_nonfinite_input(unit)
@@ -230,7 +256,7 @@ class Executor:
             for rows in task.chunks:
                 tensors, base, ready = self._read(WorkUnit(task, rows), 2)
                 if ready is not None:
-                    torch.cuda.current_stream(self.device).wait_event(ready)
+                    self._await_copy(ready, tensors, base)
                 stat.update(self._inputs(task, rows, tensors, base))
             stat.finish_pass()
         return stat

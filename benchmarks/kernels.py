@@ -162,7 +162,7 @@ def ties_plain_torch(base: torch.Tensor, xs: list[torch.Tensor], weights: list[f
         mag = tau.abs()
         threshold = mag.kthvalue(n - keep + 1).values
         tau.mul_(mag >= threshold)
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
+    w = torch.tensor(weights, dtype=torch.float32, device=b.device).view(-1, 1)
     taus.mul_(w)
     elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
     agree = torch.sign(taus) == elected

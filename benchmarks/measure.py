@@ -41,16 +41,19 @@ def _vm_hwm_kb(pid: int) -> int | None:
     return None
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
-    """Run a command; return (wall seconds, peak RSS in GB of the child, exit code).
+def run_measured(cmd: list[str], env: dict | None = None, stdout_path: str | os.PathLike | None = None
+                 ) -> tuple[float, float, int]:
+    """Run a command (its standard output into ``stdout_path``, else discarded); return (wall seconds,
+    peak RSS in GB of the child, exit code).
 
     Peak RSS is the child's VmHWM, polled every 20 ms by a thread until it exits (ru_maxrss would report
     the resident pages of this large benchmark process, which the child shares until it execs); the wall
     time ends when ``wait`` returns, not at the next poll.
     """
+    out = open(stdout_path, "wb") if stdout_path is not None else subprocess.DEVNULL
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
         peak = 0
         exited = threading.Event()
 
@@ -67,6 +70,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
         code = proc.wait()
         wall = time.perf_counter() - start
         exited.set()
+        if stdout_path is not None:
+            out.close()
         poller.join()
         if code != 0:
             err.seek(0)

@@ -7,7 +7,9 @@ bytes read and written, effective GB/s against the memory-copy rate measured in 
 peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and
 merge_method alignmerge with synthetic Fisher and subspace files (at --alignmerge-layers, under
 --alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes read exclude the Fisher files).
-Disk: 3 x 16 GB for 32 layers.
+With --device cuda the table adds each alignmerge run's peak CUDA allocation (torch.cuda.max_memory_allocated,
+as `alignmerge merge` prints it). Disk: 3 x 16 GB for 32 layers, plus 2 x 32 GB of fp32 Fisher files for
+alignmerge (--fisher-dtype bfloat16: 2 x 16 GB).
 
     python benchmarks/scale_8b.py --layers 4 8 32
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -34,10 +38,11 @@ def ties_config(base: Path, experts: list[Path]) -> dict:
             "parameters": {"normalize": True}, "dtype": "bfloat16"}
 
 
-def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int = 16) -> dict:
+def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int = 16,
+                          fisher_dtype: str = "float32", device: str = "cpu") -> dict:
     """Random stand-ins for the data passes (an 8B forward is out of reach here): per-expert Fisher
-    files (fp32, |N(0,1)| + 0.1, streamed tensor by tensor) and an orthonormal rank-r subspace per
-    2-D layer weight. Returns the alignmerge config."""
+    files (|N(0,1)| + 0.1 in ``fisher_dtype``, streamed tensor by tensor) and an orthonormal rank-r
+    subspace per 2-D layer weight, drawn on ``device``. Returns the alignmerge config."""
     import torch
 
     from alignmerge.io import Checkpoint, OutputTensor, ShardedWriter
@@ -45,16 +50,17 @@ def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int
 
     ck = Checkpoint(base)
     names = ck.names()
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device).manual_seed(1)
+    dtype = getattr(torch, fisher_dtype)
     fisher_files = []
     for k, _expert in enumerate(experts):
-        out = root / f"fisher{k}"
+        out = root / f"fisher{k}-{fisher_dtype}"
         if not (out / "model.safetensors").exists():
-            writer = ShardedWriter(out, [OutputTensor(n, ck.shape(n), torch.float32) for n in names],
+            writer = ShardedWriter(out, [OutputTensor(n, ck.shape(n), dtype) for n in names],
                                    max_shard_bytes=2**62)
             writer.open()
             for n in names:
-                writer.write(n, torch.randn(ck.shape(n), generator=gen).abs_().add_(0.1))
+                writer.write(n, torch.randn(ck.shape(n), generator=gen, device=device).abs_().add_(0.1).to(dtype))
             writer.close()
         fisher_files.append(out / "model.safetensors")
     subspace = root / "subspace.safetensors"
@@ -63,9 +69,9 @@ def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int
         for n in names:
             shape = ck.shape(n)
             if len(shape) == 2 and ".layers." in n:
-                u = torch.linalg.qr(torch.randn(shape[0], rank, generator=gen))[0]
-                v = torch.linalg.qr(torch.randn(shape[1], rank, generator=gen))[0]
-                bases[n] = (u, v)
+                u = torch.linalg.qr(torch.randn(shape[0], rank, generator=gen, device=device))[0]
+                v = torch.linalg.qr(torch.randn(shape[1], rank, generator=gen, device=device))[0]
+                bases[n] = (u.cpu(), v.cpu())
         save_subspace(bases, subspace, {"estimator": "random (benchmark)", "rank": rank})
     return {"merge_method": "alignmerge", "anchor": str(base),
             "models": [{"model": str(e), "parameters": {"weight": 1.0, "fisher": str(f)}}
@@ -73,6 +79,12 @@ def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int
             "parameters": {"subspace": str(subspace), "use_align_fisher": False, "use_aqi_loop": False,
                            "lambda_align": 1.0},
             "dtype": "bfloat16"}
+
+
+def peak_cuda_gb(merge_stdout: str) -> float | None:
+    """The peak device allocation that `alignmerge merge --device cuda` prints (torch.cuda.max_memory_allocated)."""
+    match = re.search(r"peak CUDA memory allocated: ([0-9.]+) GB", merge_stdout)
+    return float(match.group(1)) if match else None
 
 
 def dir_bytes(path: Path) -> int:
@@ -96,18 +108,22 @@ def main() -> None:
                     help="--max-memory of the alignmerge runs: each projected weight solves whole in fp32 "
                          "(about 72 bytes per element for two experts: 4.2 GB for a 14336x4096 MLP weight); "
                          "the embedding and lm_head merge in row chunks")
+    ap.add_argument("--fisher-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="storage of the synthetic Fisher files (bfloat16 halves their disk: 2 bytes per parameter)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
 
     rate = copy_rate_gbs()
     print(f"memory copy rate (read+write): {rate:.1f} GB/s; host budget --max-memory {args.max_memory} "
           f"(alignmerge: {args.alignmerge_max_memory})")
-    print(f"{'layers':>6} {'tool':<11} {'wall s':>8} {'read GB':>8} {'written GB':>10} {'GB/s':>6} "
-          f"{'of copy':>7} {'peak RSS GB':>11}")
+    cuda = args.device.startswith("cuda")
+    print(f"{'layers':>6} {'tool':<13} {'wall s':>8} {'read GB':>8} {'written GB':>10} {'GB/s':>6} "
+          f"{'of copy':>7} {'peak RSS GB':>11}" + (f" {'peak CUDA GB':>12}" if cuda else ""))
     rows = []
     for layers in args.layers:
         root = Path(args.work) / f"L{layers}"
-        base, experts = write_llama_family(root / "models", n_experts=2, layers=layers, **LLAMA3_8B)
+        base, experts = write_llama_family(root / "models", n_experts=2, layers=layers, device=args.device,
+                                           **LLAMA3_8B)
         cfg = root / "ties.yaml"
         cfg.write_text(yaml.safe_dump(ties_config(base, experts)))
         read = sum(dir_bytes(d) for d in [base, *experts])
@@ -121,18 +137,24 @@ def main() -> None:
                                 "--num-threads", str(args.threads)]
         if layers in args.alignmerge_layers:
             am_cfg = root / "alignmerge.yaml"
-            am_cfg.write_text(yaml.safe_dump(write_synthetic_stats(root, base, experts)))
+            am_cfg.write_text(yaml.safe_dump(write_synthetic_stats(root, base, experts,
+                                                                   fisher_dtype=args.fisher_dtype,
+                                                                   device=args.device)))
             runs["alignmerge-am"] = [sys.executable, "-m", "alignmerge", "merge", str(am_cfg),
                                      str(root / "out-alignmerge-am"), "--threads", str(args.threads), "--max-memory",
                                      args.alignmerge_max_memory, "--device", args.device, "--no-progress", "--overwrite"]
+        print(f"{time.strftime('%H:%M:%S')} inputs ready for {layers} layers", flush=True)
         for tool, cmd in runs.items():
-            wall, rss, code = run_measured(cmd)
+            log = root / f"{tool}.stdout"
+            wall, rss, code = run_measured(cmd, stdout_path=log)
             written = dir_bytes(root / f"out-{tool}") if code == 0 else 0
             gbs = (read + written) / wall / 1e9
-            print(f"{layers:>6} {tool:<11} {wall:8.1f} {read / 1e9:8.2f} {written / 1e9:10.2f} {gbs:6.2f} "
-                  f"{gbs / rate:7.0%} {rss:11.2f}" + ("" if code == 0 else f"  (exit {code})"))
+            device_gb = peak_cuda_gb(log.read_text()) if cuda and tool != "mergekit" else None
+            print(f"{layers:>6} {tool:<13} {wall:8.1f} {read / 1e9:8.2f} {written / 1e9:10.2f} {gbs:6.2f} "
+                  f"{gbs / rate:7.0%} {rss:11.2f}" + (f" {device_gb or float('nan'):12.2f}" if cuda else "")
+                  + ("" if code == 0 else f"  (exit {code})"))
             rows.append({"layers": layers, "tool": tool, "wall_s": wall, "read_bytes": read, "written_bytes": written,
-                         "peak_rss_gb": rss, "exit": code})
+                         "peak_rss_gb": rss, "peak_cuda_gb": device_gb, "exit": code})
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(rows))

@@ -186,6 +186,14 @@ class Checkpoint:
             self._raise_nonfinite(name, count_nonfinite(mapped), entry.file)
         return mapped
 
+    def check_finite(self, name: str, values: torch.Tensor) -> None:
+        """NonFiniteError naming the file if ``values`` (tensor ``name`` or rows of it, read earlier, on any
+        device: counted where they are) hold NaN/Inf."""
+        from alignmerge.ops import count_nonfinite
+
+        entry = self._entries.get(name)
+        self._raise_nonfinite(name, count_nonfinite(values), entry.file if entry is not None else None)
+
     def _raise_nonfinite(self, name: str, count: int, where: Path | str | None = None) -> None:
         if count:
             raise NonFiniteError(f"{where or self.path}: tensor {name!r} contains {count} NaN/Inf values")

@@ -52,8 +52,9 @@ def project_reference(x, u=None, v=None):
 
 def projector_diagonal_reference(m, n, u=None, v=None, dtype=torch.float32):
     """diag(P) as an m×n matrix: a_i + b_j − a_i b_j with a = ‖U_i‖², b = ‖V_j‖²."""
-    a = (u.to(dtype) ** 2).sum(1) if u is not None else torch.zeros(m, dtype=dtype)
-    b = (v.to(dtype) ** 2).sum(1) if v is not None else torch.zeros(n, dtype=dtype)
+    device = next((t.device for t in (u, v) if t is not None), None)
+    a = (u.to(dtype) ** 2).sum(1) if u is not None else torch.zeros(m, dtype=dtype, device=device)
+    b = (v.to(dtype) ** 2).sum(1) if v is not None else torch.zeros(n, dtype=dtype, device=device)
     return a[:, None] + b[None, :] - a[:, None] * b[None, :]
 
 
