@@ -2,10 +2,10 @@
 
 A read-ahead thread reads the next work unit (a tensor, or a row chunk of one) into reused buffers (pinned on
 CUDA, copied to the device on a separate stream; memory maps on CPU), counting NaN/Inf as the data arrives (on
-CUDA: on the GPU, after the copy) unless the method's output check covers its inputs; the main thread merges the
-current unit into one of two reused output buffers; a write-behind thread checks (on the GPU for CUDA results),
-checksums and writes the previous result to the ShardedWriter. No fresh allocations on the hot path, so no first-touch page faults. Peak memory ~ two units of
-inputs + two outputs.
+CUDA: on the GPU, after the copy) unless the method's output check covers its inputs; the main thread merges
+the current unit into one of two reused output buffers; a write-behind thread checks (on the GPU for CUDA
+results), checksums and writes the previous result to the ShardedWriter. No fresh allocations on the hot path,
+so no first-touch page faults. Peak memory ~ two units of inputs + two outputs.
 """
 from __future__ import annotations
 
@@ -133,10 +133,10 @@ class Executor:
             ready.record(self.copy_stream)
             self._copied[slot] = ready
             if check:
-                checkpoints = [*self.plan.models, *([self.plan.base] if base is not None else [])]
-                for ck, t in zip(checkpoints, [*tensors, *([base] if base is not None else [])]):
+                for ck, t in zip([*self.plan.models, self.plan.base], [*tensors, base]):
                     try:
-                        ck.check_finite(task.name, t)
+                        if t is not None:
+                            ck.check_finite(task.name, t)
                     except NonFiniteError as exc:
                         raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
         return tensors, base, ready
@@ -207,12 +207,13 @@ class Executor:
         progress; the buffer is reused only after this write completes."""
         def job() -> None:
             try:
-                if check and data.device.type == "cuda":  # counted on the GPU, before the copy to the host
+                on_gpu = data.device.type == "cuda"
+                if check and on_gpu:  # counted on the GPU, before the copy to the host
                     from alignmerge.ops import count_nonfinite
 
                     if count_nonfinite(data):
                         raise NonFiniteError(f"merged tensor {unit.task.name!r} contains NaN or Inf")
-                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check and data.device.type != "cuda")
+                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check and not on_gpu)
             except NonFiniteError:
                 if self.plan.method.output_reveals_nonfinite_inputs:
                     self._name_nonfinite_input(unit)

@@ -1,6 +1,7 @@
 """Measuring helpers shared by the benchmarks: memory-copy rate and peak RSS (own or a child's)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def run_measured(cmd: list[str], env: dict | None = None, stdout_path: str | os.
     the resident pages of this large benchmark process, which the child shares until it execs); the wall
     time ends when ``wait`` returns, not at the next poll.
     """
-    out = open(stdout_path, "wb") if stdout_path is not None else subprocess.DEVNULL
-    with tempfile.TemporaryFile() as err:
+    output = open(stdout_path, "wb") if stdout_path is not None else contextlib.nullcontext(subprocess.DEVNULL)
+    with output as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
         peak = 0
@@ -70,8 +71,6 @@ def run_measured(cmd: list[str], env: dict | None = None, stdout_path: str | os.
         code = proc.wait()
         wall = time.perf_counter() - start
         exited.set()
-        if stdout_path is not None:
-            out.close()
         poller.join()
         if code != 0:
             err.seek(0)
