@@ -9,6 +9,7 @@ so no first-touch page faults. Peak memory ~ two units of inputs + two outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,15 @@ from alignmerge.plan import MergePlan, TensorTask
 
 _LOCATE_SLOT = 3
 """Buffer slot for re-reading a unit's inputs to name a non-finite one (0, 1: read-ahead; 2: chunk statistics)."""
+
+
+@contextlib.contextmanager
+def _suggest_allow_nonfinite():
+    """A NaN/Inf input's error, with the flag that merges it anyway."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
 
 
 @dataclass
@@ -98,14 +108,12 @@ class Executor:
         task = unit.task
         total_rows = task.shape[0] if task.shape else 1
         rows = None if unit.rows == (0, total_rows) else unit.rows
-        try:
+        with _suggest_allow_nonfinite():
             mapped = ck.map(task.name, rows=rows, check_finite=check) if self.map_inputs else None
             if mapped is not None:
                 return mapped
             nbytes = ck.nbytes(task.name) * (unit.rows[1] - unit.rows[0]) // max(total_rows, 1)
             return ck.read(task.name, rows=rows, out=self.pool.get(slot, key, nbytes), check_finite=check)
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
 
     def _read(self, unit: WorkUnit, slot: int) -> tuple[list[torch.Tensor], torch.Tensor | None, object]:
         """Read a unit's inputs into the slot's (pinned, on CUDA) buffers; on CUDA also start their
@@ -133,12 +141,10 @@ class Executor:
             ready.record(self.copy_stream)
             self._copied[slot] = ready
             if check:
-                for ck, t in zip([*self.plan.models, self.plan.base], [*tensors, base]):
-                    try:
+                with _suggest_allow_nonfinite():
+                    for ck, t in zip([*self.plan.models, self.plan.base], [*tensors, base]):
                         if t is not None:
                             ck.check_finite(task.name, t)
-                    except NonFiniteError as exc:
-                        raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge it anyway)") from None
         return tensors, base, ready
 
     # ---- main loop -----------------------------------------------------------------------
@@ -207,13 +213,7 @@ class Executor:
         progress; the buffer is reused only after this write completes."""
         def job() -> None:
             try:
-                on_gpu = data.device.type == "cuda"
-                if check and on_gpu:  # counted on the GPU, before the copy to the host
-                    from alignmerge.ops import count_nonfinite
-
-                    if count_nonfinite(data):
-                        raise NonFiniteError(f"merged tensor {unit.task.name!r} contains NaN or Inf")
-                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check and not on_gpu)
+                self.writer.write(unit.task.name, data, unit.rows[0], check_finite=check)
             except NonFiniteError:
                 if self.plan.method.output_reveals_nonfinite_inputs:
                     self._name_nonfinite_input(unit)

@@ -176,8 +176,10 @@ def test_alignmerge_on_cuda_matches_cpu(tmp_path):
         assert rel_err(gpu[name] - state[name], cpu[name] - state[name]) <= 1e-4, name
 
 
-def test_nonfinite_input_on_cuda_names_file_and_tensor(llamas, tmp_path):
-    """Inputs are counted on the GPU after their copies: a NaN still names its file and tensor, and no output
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_nonfinite_input_on_cuda_names_file_and_tensor(llamas, tmp_path, method):
+    """ties: inputs are counted on the GPU after their copies; linear: the merged output is counted on the GPU and
+    the inputs are re-read to find the culprit. Either way the NaN names its file and tensor, and no output
     directory appears."""
     import shutil
 
@@ -192,8 +194,9 @@ def test_nonfinite_input_on_cuda_names_file_and_tensor(llamas, tmp_path):
     state = load_file(str(bad / "model.safetensors"))
     state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    config = {"merge_method": "ties", "base_model": str(base),
-              "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in (experts[0], bad)]}
+    params = {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}
+    config = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(m), "parameters": params} for m in (experts[0], bad)]}
     with pytest.raises(NonFiniteError, match=r"bad/model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         merge(config, tmp_path / "out", progress=False, device="cuda")
     assert not (tmp_path / "out").exists()

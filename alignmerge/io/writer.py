@@ -256,16 +256,21 @@ class ShardedWriter:
         """Write ``tensor`` (the whole output tensor, or rows from ``row_start``) at its planned place.
 
         Block by block, while each block is in cache: NaN/Inf count (``check_finite``: NonFiniteError
-        naming the tensor), the shard's running CRC-32, and the pwrite."""
+        naming the tensor; a tensor on a GPU is counted there, before its copy to the host), the shard's
+        running CRC-32, and the pwrite."""
+        from alignmerge.ops import count_nonfinite
+
         slot = self.slots[name]
+        check = check_finite and tensor.is_floating_point()
+        if check and tensor.device.type != "cpu":
+            if count_nonfinite(tensor):
+                raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
+            check = False
         flat = tensor.detach().to("cpu").contiguous().view(-1)
         data = flat.view(torch.uint8)
         offset = slot.offset + row_start * slot.row_bytes
         if offset + data.numel() > slot.offset + slot.nbytes:
             raise ValueError(f"write of {data.numel()} bytes overflows the slot of {name!r}")
-        check = check_finite and flat.is_floating_point()
-        if check:
-            from alignmerge.ops import count_nonfinite
         view = memoryview(data.numpy())
         crc = self._crc.get(slot.file)
         crc = crc if crc is not None and crc[1] == offset else None
