@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class MergeResult:
     """A whole-run method's report (e.g. alignmerge's AQI rounds and per-layer drift)."""
     peak_device_bytes: int | None = None
     """On CUDA: torch.cuda.max_memory_allocated of the merge's device when it finished (the process's peak)."""
+    seconds: float | None = None
+    """Wall time of the merge call (statistics passes and AQI rounds included; interpreter start-up not)."""
 
 
 @contextlib.contextmanager
@@ -80,6 +83,7 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     without it every read, merge and write happens in turn). ``resume`` continues an interrupted run
     from its completed, checksum-verified shards.
     """
+    start = time.perf_counter()
     result = _merge(config, out_dir, device=device, out_shard_size=out_shard_size, seed=seed, threads=threads,
                     max_memory=max_memory, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
                     overwrite=overwrite, resume=resume, prefetch=prefetch, backend=backend, progress=progress)
@@ -87,6 +91,7 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, devic
     if cuda.type == "cuda":  # a bare "cuda" is the rank's own GPU under torchrun (see below)
         index = cuda.index if cuda.index is not None else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
         result.peak_device_bytes = torch.cuda.max_memory_allocated(index)
+    result.seconds = time.perf_counter() - start
     return result
 
 

@@ -1,4 +1,5 @@
-"""Measuring helpers shared by the benchmarks: memory-copy rate and peak RSS (own or a child's)."""
+"""Measuring helpers shared by the benchmarks: memory-copy rate, the output writer's rate and peak RSS (own or a
+child's)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -99,3 +101,25 @@ def copy_rate_gbs(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best / 1e9
+
+
+def writer_rate_gbs(directory: str | os.PathLike, nbytes: int) -> float:
+    """Rate (GB/s) of alignmerge's output writer alone, writing one bf16 tensor of ``nbytes`` into a fresh
+    shard under ``directory``: the merge's own write path (NaN/Inf check, shard checksum, O_DIRECT or
+    buffered writes, closing fsync) with nothing merged. A merge writing ``nbytes`` there cannot finish
+    sooner than ``nbytes`` at this rate, however fast its reads and arithmetic."""
+    import shutil
+
+    from alignmerge.io.writer import OutputTensor, ShardedWriter
+
+    tensor = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    out = Path(tempfile.mkdtemp(prefix="writer-rate-", dir=directory))
+    try:
+        writer = ShardedWriter(out, [OutputTensor("t", tuple(tensor.shape), tensor.dtype)], max_shard_bytes=nbytes + 1)
+        t = time.perf_counter()
+        writer.open()
+        writer.write("t", tensor, check_finite=True)
+        writer.close()
+        return tensor.numel() * 2 / (time.perf_counter() - t) / 1e9
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -1,5 +1,6 @@
 """End-to-end `alignmerge merge` on tiny real Llama checkpoints, cross-checked against mergekit 0.1.5."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -280,6 +281,7 @@ def test_cli_entry_point_exit_code(tiny_llamas, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "alignmerge", "merge", str(cfg), str(tmp_path / "o"), "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and f"wrote {tmp_path / 'o'}" in proc.stdout, proc.stderr
+    assert re.search(r"\) in \d+\.\d\d s$", proc.stdout, re.MULTILINE), proc.stdout  # benchmarks parse it
     assert load_dir(tmp_path / "o")
 
 

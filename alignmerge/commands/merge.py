@@ -62,7 +62,7 @@ def run(args) -> int:
         prefetch=not args.no_prefetch, progress=not args.no_progress,
     )
     print(f"wrote {result.out_dir} ({result.tensors} tensors, {result.bytes_written / 1e6:.1f} MB "
-          f"in {len(result.shards)} shard(s))")
+          f"in {len(result.shards)} shard(s)) in {result.seconds:.2f} s")
     if result.peak_device_bytes is not None:
         print(f"peak CUDA memory allocated: {result.peak_device_bytes / 1e9:.2f} GB (--max-memory {args.max_memory})")
     return 0
