@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,12 @@ def copy_rate_gbs(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best / 1e9
+
+
+def merge_seconds(merge_stdout: str) -> float | None:
+    """The merge's own wall time that `alignmerge merge` prints ("wrote OUT (...) in 12.34 s"), or None."""
+    match = re.search(r"\) in ([0-9.]+) s$", merge_stdout, re.MULTILINE)
+    return float(match.group(1)) if match else None
 
 
 def writer_rate_gbs(directory: str | os.PathLike, nbytes: int) -> float:

@@ -15,7 +15,6 @@ output writer alone (checks, checksum, writes, fsync; nothing merged) needs for 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import copy_rate_gbs, run_measured, writer_rate_gbs  # noqa: E402
+from measure import copy_rate_gbs, merge_seconds, run_measured, writer_rate_gbs  # noqa: E402
 from synthetic_llama import write_llama_family  # noqa: E402
 
 
@@ -43,18 +42,18 @@ def run_repeated(cmd: list[str], out: Path, repeats: int) -> tuple[float, float,
     """(median wall s, largest peak RSS GB, first non-zero exit code or 0, median of the merge's own time as
     ``alignmerge merge`` prints it, else None) of ``repeats`` runs of ``cmd``, each into a fresh ``out``
     (deleting it is not timed)."""
-    runs, merge_seconds = [], []
+    runs, inside = [], []
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
         with tempfile.NamedTemporaryFile() as stdout:
             runs.append(run_measured(cmd, stdout_path=stdout.name))
-            found = re.search(rb"\) in ([0-9.]+) s$", Path(stdout.name).read_bytes(), re.MULTILINE)
-        if found:
-            merge_seconds.append(float(found.group(1)))
+            seconds = merge_seconds(Path(stdout.name).read_text(errors="replace"))
+        if seconds is not None:
+            inside.append(seconds)
     walls = sorted(r[0] for r in runs)
-    merge_seconds.sort()
+    inside.sort()
     return (walls[len(walls) // 2], max(r[1] for r in runs), next((r[2] for r in runs if r[2]), 0),
-            merge_seconds[len(merge_seconds) // 2] if merge_seconds else None)
+            inside[len(inside) // 2] if inside else None)
 
 
 def warm_page_cache(dirs: list[Path]) -> None:

@@ -2,9 +2,10 @@
 
 Writes base + 2 experts with Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads,
 vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs
-`alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time,
-bytes read and written, effective GB/s against the memory-copy rate measured in the same run, and
-peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and
+`alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time (and
+the merge's own time, start-up excluded), bytes read and written, effective GB/s against the memory-copy
+rate measured in the same run, the ceiling on that rate set by the output's file system (alignmerge's
+output writer alone, nothing merged, on 2 GB), and peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and
 merge_method alignmerge with synthetic Fisher and subspace files (at --alignmerge-layers, under
 --alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes read exclude the Fisher files).
 With --device cuda the table adds each alignmerge run's peak CUDA allocation (torch.cuda.max_memory_allocated,
@@ -26,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import copy_rate_gbs, run_measured  # noqa: E402
+from measure import copy_rate_gbs, merge_seconds, run_measured, writer_rate_gbs  # noqa: E402
 from synthetic_llama import write_llama_family  # noqa: E402
 
 LLAMA3_8B = dict(hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
@@ -116,9 +117,14 @@ def main() -> None:
     rate = copy_rate_gbs()
     print(f"memory copy rate (read+write): {rate:.1f} GB/s; host budget --max-memory {args.max_memory} "
           f"(alignmerge: {args.alignmerge_max_memory})")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    writer = writer_rate_gbs(args.work, 2 * 10**9)
+    print(f"output writer alone into {args.work}: {writer:.2f} GB/s (2 GB, nothing merged); 'merge s' is the "
+          "merge's own time (start-up excluded), 'ceiling' the rate no merge writing there can pass, as a "
+          "fraction of the copy rate")
     cuda = args.device.startswith("cuda")
-    print(f"{'layers':>6} {'tool':<13} {'wall s':>8} {'read GB':>8} {'written GB':>10} {'GB/s':>6} "
-          f"{'of copy':>7} {'peak RSS GB':>11}" + (f" {'peak CUDA GB':>12}" if cuda else ""))
+    print(f"{'layers':>6} {'tool':<13} {'wall s':>8} {'merge s':>8} {'read GB':>8} {'written GB':>10} {'GB/s':>6} "
+          f"{'of copy':>7} {'ceiling':>7} {'peak RSS GB':>11}" + (f" {'peak CUDA GB':>12}" if cuda else ""))
     rows = []
     for layers in args.layers:
         root = Path(args.work) / f"L{layers}"
@@ -149,12 +155,15 @@ def main() -> None:
             wall, rss, code = run_measured(cmd, stdout_path=log)
             written = dir_bytes(root / f"out-{tool}") if code == 0 else 0
             gbs = (read + written) / wall / 1e9
-            device_gb = peak_cuda_gb(log.read_text()) if cuda and tool != "mergekit" else None
-            print(f"{layers:>6} {tool:<13} {wall:8.1f} {read / 1e9:8.2f} {written / 1e9:10.2f} {gbs:6.2f} "
-                  f"{gbs / rate:7.0%} {rss:11.2f}" + (f" {device_gb or float('nan'):12.2f}" if cuda else "")
-                  + ("" if code == 0 else f"  (exit {code})"))
-            rows.append({"layers": layers, "tool": tool, "wall_s": wall, "read_bytes": read, "written_bytes": written,
-                         "peak_rss_gb": rss, "peak_cuda_gb": device_gb, "exit": code})
+            stdout = log.read_text(errors="replace")
+            device_gb = peak_cuda_gb(stdout) if cuda and tool != "mergekit" else None
+            inside = merge_seconds(stdout) if tool != "mergekit" else None
+            ceiling = (read + written) / written * writer / rate if written else float("nan")
+            print(f"{layers:>6} {tool:<13} {wall:8.1f} {inside or float('nan'):8.1f} {read / 1e9:8.2f} "
+                  f"{written / 1e9:10.2f} {gbs:6.2f} {gbs / rate:7.0%} {ceiling:7.0%} {rss:11.2f}"
+                  + (f" {device_gb or float('nan'):12.2f}" if cuda else "") + ("" if code == 0 else f"  (exit {code})"))
+            rows.append({"layers": layers, "tool": tool, "wall_s": wall, "merge_s": inside, "read_bytes": read,
+                         "written_bytes": written, "peak_rss_gb": rss, "peak_cuda_gb": device_gb, "exit": code})
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(rows))
