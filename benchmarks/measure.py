@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,8 +116,6 @@ def writer_rate_gbs(directory: str | os.PathLike, nbytes: int) -> float:
     shard under ``directory``: the merge's own write path (NaN/Inf check, shard checksum, O_DIRECT or
     buffered writes, closing fsync) with nothing merged. A merge writing ``nbytes`` there cannot finish
     sooner than ``nbytes`` at this rate, however fast its reads and arithmetic."""
-    import shutil
-
     from alignmerge.io.writer import OutputTensor, ShardedWriter
 
     tensor = torch.ones(nbytes // 2, dtype=torch.bfloat16)

@@ -125,10 +125,11 @@ def main() -> None:
         if inside:
             print(f"{method:<8} in-process {inside:8.2f} s as the merge reports it (interpreter and torch start-up "
                   f"excluded): {moved / inside / 1e9:.2f} GB/s = {moved / inside / 1e9 / rate:.0%} of the copy rate")
-        ceiling = moved / written * writer_rate
-        print(f"{method:<8} ceiling    writing the {written / 1e9:.2f} GB output alone takes "
-              f"{written / writer_rate / 1e9:.2f} s, so no merge into {out_root} can pass {ceiling:.2f} GB/s "
-              f"= {ceiling / rate:.0%} of the copy rate")
+        if written:
+            ceiling = moved / written * writer_rate
+            print(f"{method:<8} ceiling    writing the {written / 1e9:.2f} GB output alone takes "
+                  f"{written / writer_rate / 1e9:.2f} s, so no merge into {out_root} can pass {ceiling:.2f} GB/s "
+                  f"= {ceiling / rate:.0%} of the copy rate")
         if "mergekit" in results and results["mergekit"][2] == 0 and results["alignmerge"][2] == 0:
             print(f"{method:<8} speed-up   {results['mergekit'][0] / results['alignmerge'][0]:8.1f}x")
 

@@ -5,12 +5,12 @@ vocabulary 128256; random bf16; --layers to shorten), then for each layer count 
 `alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time (and
 the merge's own time, start-up excluded), bytes read and written, effective GB/s against the memory-copy
 rate measured in the same run, the ceiling on that rate set by the output's file system (alignmerge's
-output writer alone, nothing merged, on 2 GB), and peak RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and
-merge_method alignmerge with synthetic Fisher and subspace files (at --alignmerge-layers, under
---alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes read exclude the Fisher files).
-With --device cuda the table adds each alignmerge run's peak CUDA allocation (torch.cuda.max_memory_allocated,
-as `alignmerge merge` prints it). Disk: 3 x 16 GB for 32 layers, plus 2 x 32 GB of fp32 Fisher files for
-alignmerge (--fisher-dtype bfloat16: 2 x 16 GB).
+output writer alone, nothing merged, on 2 GB), and peak RSS; mergekit's ties runs on the same files for
+comparison (at --mergekit-layers), and merge_method alignmerge with synthetic Fisher and subspace files
+(at --alignmerge-layers, under --alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes
+read exclude the Fisher files). With --device cuda the table adds each alignmerge run's peak CUDA
+allocation (torch.cuda.max_memory_allocated, as `alignmerge merge` prints it). Disk: 3 x 16 GB for 32
+layers, plus 2 x 32 GB of fp32 Fisher files for alignmerge (--fisher-dtype bfloat16: 2 x 16 GB).
 
     python benchmarks/scale_8b.py --layers 4 8 32
 """
