@@ -14,6 +14,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -223,6 +224,8 @@ struct GtaParams {
   std::vector<uint64_t> rng_keys;        // random: keep iff uniform32 < keep_below
   std::vector<uint64_t> keep_below;
   std::vector<float> rescale;            // random: survivors multiplied by this (1 -> skipped)
+  std::vector<uint32_t> band_upper_keys, band_lower_keys;  // one-pass TIES: flag the band between these
+  std::vector<int64_t> band_upper_idx, band_lower_idx;     // elements (see TiesBands)
 };
 
 // Per element (mergekit GeneralizedTaskArithmeticMerge.merge_group, computed in fp32):
@@ -300,108 +303,87 @@ void gta_combine(const float* wd_all, const float* b, int64_t len, const GtaPara
   }
 }
 
-template <int IN, int OUT>
-void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p) {
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+// Per-thread buffers of one block step.
+struct GtaScratch {
+  explicit GtaScratch(size_t experts)
+      : wd(experts * kBlock), keys(experts * kBlock), flags(experts * kBlock), kept(experts) {}
+  std::vector<float> wd;
+  std::vector<uint32_t> keys;  // one-pass TIES: the block's magnitude keys, expert-major,
+  std::vector<uint32_t> flags;  // 1 where the element is in the expert's band,
+  std::vector<int32_t> kept;   // and the count of elements kept by the guessed rule
+  alignas(64) float b[kBlock];
+  alignas(64) float mixed[kBlock];
+  alignas(64) float keep[kBlock];
+  alignas(64) float scratch[2 * kBlock];
+};
+
+// Elements [s, s + len) of the merge (len <= kBlock). BANDS (one-pass TIES) also fills t.keys, t.flags, t.kept.
+template <int IN, int OUT, bool BANDS = false>
+void gta_block(const void* base, const std::vector<const void*>& xs, void* out, int64_t s, int64_t len,
+               const GtaParams& p, GtaScratch& t) {
   const size_t K = xs.size();
-#pragma omp parallel if (n >= kParallelMin)
-  {
-    std::vector<float> wd_buf(K * kBlock);
-    alignas(64) float b[kBlock];
-    alignas(64) float mixed[kBlock];
-    alignas(64) float keep[kBlock];
-    alignas(64) float scratch[2 * kBlock];
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t s = blk * kBlock;
-      const int64_t len = std::min(kBlock, n - s);
-      const int64_t g0 = p.element_offset + s;  // global index of element s
-      load_block<IN>(base, s, len, b);
-      for (size_t k = 0; k < K; ++k) {
-        float* __restrict wd = wd_buf.data() + k * kBlock;
-        const void* x = xs[k];
-        const float wk = p.weights[k];
-        if (p.sparsify == kMagnitude) {
-          const uint32_t t = p.threshold_keys[k];
-          // ties at the threshold are kept for local indices below cut (clamped to the block)
-          const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(p.tie_cutoffs[k] - g0, 0, len));
-          const int32_t n32 = static_cast<int32_t>(len);
-          for (int32_t j = 0; j < n32; ++j) {
-            const float d = Io<IN>::load(x, s + j) - b[j];
-            const uint32_t key = magnitude_key(d);
-            const bool keep = (key > t) | ((key == t) & (j < cut));
-            wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
-          }
-        } else if (p.sparsify == kRandom) {
-          dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, keep);
-          const float r = p.rescale[k];
-          if (r != 1.0f) {
-            for (int64_t j = 0; j < len; ++j) wd[j] = (((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * r) * wk;
-          } else {
-            for (int64_t j = 0; j < len; ++j) wd[j] = ((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * wk;
-          }
-        } else {
-          for (int64_t j = 0; j < len; ++j) wd[j] = (Io<IN>::load(x, s + j) - b[j]) * wk;
+  const int64_t g0 = p.element_offset + s;  // global index of element s
+  float* b = t.b;
+  load_block<IN>(base, s, len, b);
+  for (size_t k = 0; k < K; ++k) {
+    float* __restrict wd = t.wd.data() + k * kBlock;
+    const void* x = xs[k];
+    const float wk = p.weights[k];
+    if (p.sparsify == kMagnitude) {
+      const uint32_t th = p.threshold_keys[k];
+      // ties at the threshold are kept for local indices below cut (clamped to the block)
+      const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(p.tie_cutoffs[k] - g0, 0, len));
+      const int32_t n32 = static_cast<int32_t>(len);
+      uint32_t* __restrict keys = t.keys.data() + k * kBlock;
+      uint32_t* __restrict flags = t.flags.data() + k * kBlock;
+      // BANDS: in the band iff not above upper and not below lower (in the order key desc, index asc)
+      uint32_t up = 0, low = 0;
+      int32_t up_cut = 0, low_cut = 0;
+      if constexpr (BANDS) {
+        up = p.band_upper_keys[k];
+        low = p.band_lower_keys[k];
+        up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper_idx[k] - g0, 0, len));
+        low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower_idx[k] - g0 + 1, 0, len));
+      }
+      int32_t kept = 0;
+      for (int32_t j = 0; j < n32; ++j) {
+        const float d = Io<IN>::load(x, s + j) - b[j];
+        const uint32_t key = magnitude_key(d);
+        const bool keep = (key > th) | ((key == th) & (j < cut));
+        wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
+        if constexpr (BANDS) {
+          const bool above_upper = (key > up) | ((key == up) & (j < up_cut));
+          const bool below_lower = (key < low) | ((key == low) & (j >= low_cut));
+          keys[j] = key;
+          flags[j] = !(above_upper | below_lower);
+          kept += keep;
         }
       }
-      switch (K) {
-        case 1: gta_combine<1>(wd_buf.data(), b, len, p, mixed, scratch); break;
-        case 2: gta_combine<2>(wd_buf.data(), b, len, p, mixed, scratch); break;
-        case 3: gta_combine<3>(wd_buf.data(), b, len, p, mixed, scratch); break;
-        case 4: gta_combine<4>(wd_buf.data(), b, len, p, mixed, scratch); break;
-        default: gta_combine<0>(wd_buf.data(), b, len, p, mixed, scratch);
+      if constexpr (BANDS) t.kept[k] = kept;
+    } else if (p.sparsify == kRandom) {
+      dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, t.keep);
+      const float r = p.rescale[k];
+      const float* keep = t.keep;
+      if (r != 1.0f) {
+        for (int64_t j = 0; j < len; ++j) wd[j] = (((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * r) * wk;
+      } else {
+        for (int64_t j = 0; j < len; ++j) wd[j] = ((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * wk;
       }
-      store_block<OUT>(out, s, len, mixed);
+    } else {
+      for (int64_t j = 0; j < len; ++j) wd[j] = (Io<IN>::load(x, s + j) - b[j]) * wk;
     }
   }
+  switch (K) {
+    case 1: gta_combine<1>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    case 2: gta_combine<2>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    case 3: gta_combine<3>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    case 4: gta_combine<4>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    default: gta_combine<0>(t.wd.data(), b, len, p, t.mixed, t.scratch);
+  }
+  store_block<OUT>(out, s, len, t.mixed);
 }
 
-void gta_merge(uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, uintptr_t out_ptr,
-               int out_dtype, int64_t n, int64_t element_offset, const std::vector<float>& weights, int sparsify,
-               bool consensus, bool normalize, float lambda, bool apply_lambda, float plain_divisor,
-               const std::vector<uint32_t>& threshold_keys, const std::vector<int64_t>& tie_cutoffs,
-               const std::vector<uint64_t>& rng_keys, const std::vector<uint64_t>& keep_below,
-               const std::vector<float>& rescale) {
-  const size_t K = x_ptrs.size();
-  if (K == 0 || weights.size() != K) throw std::invalid_argument("gta_merge: need one weight per expert");
-  if (sparsify == kMagnitude && (threshold_keys.size() != K || tie_cutoffs.size() != K))
-    throw std::invalid_argument("gta_merge: need one threshold and tie cutoff per expert");
-  if (sparsify == kRandom && (rng_keys.size() != K || keep_below.size() != K || rescale.size() != K))
-    throw std::invalid_argument("gta_merge: need one rng key, keep threshold and rescale per expert");
-  GtaParams p;
-  p.sparsify = sparsify;
-  p.consensus = consensus;
-  p.normalize = normalize;
-  p.lambda = lambda;
-  p.apply_lambda = apply_lambda;
-  p.plain_divisor = plain_divisor;
-  p.element_offset = element_offset;
-  p.weights = weights;
-  p.threshold_keys = threshold_keys;
-  p.tie_cutoffs = tie_cutoffs;
-  p.rng_keys = rng_keys;
-  p.keep_below = keep_below;
-  p.rescale = rescale;
-  const auto xs = as_ptrs(x_ptrs);
-  py::gil_scoped_release release;
-  dispatch_in_out(in_dtype, out_dtype, [&](auto in_c, auto out_c) {
-    gta_impl<decltype(in_c)::value, decltype(out_c)::value>(reinterpret_cast<const void*>(base_ptr), xs,
-                                                            reinterpret_cast<void*>(out_ptr), n, p);
-  });
-}
-
-// ---------------------------------------------------------------- magnitude selection (TIES)
-// key(i) = fp32 bits of |x_k[i] - b[i]| (monotone in the magnitude). Level 0 histograms key >> 16;
-// level 1 histograms key & 0xffff over the elements whose key >> 16 equals the expert's prefix p.
-// Counts are added into hist (int64 [K, 65536]) so calls over row chunks accumulate. With window
-// (int64 [K, kWindow], level 1 only) each call also adds, per expert, the count of keys whose top half
-// exceeds p + 2 and the counts of top halves p + 2, p + 1, p, p - 1, p - 2: these confirm (or correct)
-// a prefix guessed from a sample without a full level-0 pass.
-constexpr int kWindow = 6;
-constexpr int64_t kSampleTableMin = int64_t{1} << 20;  // smaller samples: one thread, no 64K-bin tables
-constexpr int kReach = 2;  // the window covers prefixes p - kReach .. p + kReach
-
-// ++h[lows[j]] for j < m: the low key halves inside one prefix. Task vectors of bf16 fine-tunes are a few
+// ++h[lows[j]] for j < m (16-bit key halves: the low halves inside one prefix, or the sample's top halves). Task vectors of bf16 fine-tunes are a few
 // ulps, so their keys take few values (on a Llama-shaped benchmark tensor, 22% of all elements share the
 // threshold's key); counted one by one they form a store-to-load chain through one bin. Lanes equal to
 // the first value are counted in a register instead. (Not for level-0 prefixes: they spread over a few
@@ -424,6 +406,347 @@ inline void count_lows(const uint32_t* lows, int64_t m, uint32_t* h) {
 #endif
   for (; j < m; ++j) ++h[lows[j]];
 }
+
+// ---------------------------------------------------------------- one-pass TIES
+// TIES keeps, per expert, the top k elements of the order "key descending, flat index ascending" (key = fp32
+// bits of |x_k - b|; the lowest indices win ties). A sample guesses three elements of that order: upper U,
+// middle M (the sample's k-th) and lower L, a few standard errors apart. The merge pass then keeps what ranks
+// at or above M (a guess), counts what it kept and records the band between U and L with its keys. Everything
+// ranking at or above M and not above U is in the band, so kept - (band elements at or above M) is the exact
+// count above U. If the k-th element lies in the band it is found there, and only the elements whose fate the
+// guess got wrong, those between M and it, are merged again; otherwise the guess is reported as failed and the
+// caller selects exactly first (alignmerge/ops/merge.py).
+struct RankedElement {
+  int64_t idx;
+  uint32_t key;
+};
+
+inline bool ranks_above(const RankedElement& a, const RankedElement& b) {
+  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+}
+
+constexpr int64_t kOnePassStride = 16;                // sample one block in every 16 ...
+constexpr int64_t kOnePassMaxSampleBlocks = 1 << 14;  // ... or fewer, at most 4M elements per expert
+constexpr double kOnePassSigmas = 4.0;                // band half-width: 4 standard errors of the sample's rank ...
+constexpr int64_t kOnePassSlack = 64;                 // ... plus 64 sample elements
+
+// One thread's share of the band records (made inside the parallel region: no false sharing).
+struct BandPart {
+  explicit BandPart(size_t experts) : band(experts), kept(experts, 0) {}
+  std::vector<std::vector<RankedElement>> band;  // per expert
+  std::vector<int64_t> kept;                     // per expert: elements kept by the guessed rule
+  bool full = false;                             // a band outgrew the cap: the guess failed, stop recording
+};
+
+struct TiesBands {
+  std::vector<char> active;                 // per expert: selected here (not keep-all / keep-none)
+  std::vector<RankedElement> upper, lower;  // per expert
+  int64_t cap = 0;                          // band elements one thread may record per expert
+  std::vector<BandPart> parts;              // one per thread, after the pass
+
+  // Record the block's band elements (global indices g0 + j), which t.flags marks.
+  void scan(BandPart& part, const GtaScratch& t, int64_t g0, int64_t len) const {
+    for (size_t k = 0; k < active.size(); ++k) {
+      if (!active[k]) continue;
+      part.kept[k] += t.kept[k];
+      if (part.full) continue;
+      const uint32_t* key = t.keys.data() + k * kBlock;
+      const uint32_t* flag = t.flags.data() + k * kBlock;
+      auto& out = part.band[k];
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      for (; j + 16 <= len; j += 16) {  // 16 flags at a time, most of them zero
+        const __m512i v = _mm512_loadu_si512(flag + j);
+        for (uint32_t bits = _mm512_test_epi32_mask(v, v); bits != 0; bits &= bits - 1) {
+          const int64_t i = j + __builtin_ctz(bits);
+          out.push_back({g0 + i, key[i]});
+        }
+      }
+#endif
+      for (; j < len; ++j)
+        if (flag[j]) out.push_back({g0 + j, key[j]});
+      part.full = part.full || static_cast<int64_t>(out.size()) > cap;
+    }
+  }
+};
+
+template <int IN, int OUT>
+void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p,
+              TiesBands* bands = nullptr) {
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel if (n >= kParallelMin)
+  {
+    GtaScratch t(xs.size());
+    BandPart part(bands != nullptr ? xs.size() : 0);
+    if (bands != nullptr)
+      for (auto& b : part.band) b.reserve(static_cast<size_t>(bands->cap));
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t s = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - s);
+      if (bands == nullptr) {
+        gta_block<IN, OUT>(base, xs, out, s, len, p, t);
+      } else {
+        gta_block<IN, OUT, true>(base, xs, out, s, len, p, t);
+        bands->scan(part, t, p.element_offset + s, len);
+      }
+    }
+    if (bands != nullptr) {
+#pragma omp critical
+      bands->parts.push_back(std::move(part));
+    }
+  }
+}
+
+// The sample: in each group of `stride` whole blocks, block q * stride + (7q mod stride), so that the offset
+// cycles through the group and row-periodic structure is not aliased. keys[k] holds the sampled keys of
+// expert k in index order, hist[k] the histogram of their top 16 bits.
+struct TiesSample {
+  int64_t stride = 0, groups = 0;
+  std::vector<std::vector<uint32_t>> keys;
+  std::vector<std::vector<int64_t>> hist;
+
+  int64_t size() const { return groups * kBlock; }
+  int64_t block_of_group(int64_t q) const { return q * stride + (7 * q) % stride; }
+  int64_t global_index(int64_t j) const { return block_of_group(j / kBlock) * kBlock + j % kBlock; }
+
+  // The sampled elements at the given 1-based ranks (ascending) of the order key desc, index asc.
+  std::vector<RankedElement> at_ranks(size_t k, const std::vector<int64_t>& ranks) const {
+    const auto& h = hist[k];
+    auto bucket_of = [&](int64_t rank, int64_t* above) {  // the bucket holding `rank`, and the count above it
+      int64_t seen = 0;
+      for (int bin = kBins - 1; bin >= 0; --bin) {
+        if (seen + h[bin] >= rank) {
+          *above = seen;
+          return bin;
+        }
+        seen += h[bin];
+      }
+      *above = seen;
+      return 0;
+    };
+    int64_t above = 0, unused = 0;
+    const int hi = bucket_of(ranks.front(), &above);
+    const int lo = bucket_of(ranks.back(), &unused);
+    // (key, inverted position) packed so that descending order is the rank order; positions are < 2^32
+    int64_t inside = 0;
+    for (int bin = lo; bin <= hi; ++bin) inside += h[bin];
+    std::vector<uint64_t> packed(static_cast<size_t>(inside) + 1);
+    const uint32_t* kk = keys[k].data();
+    const uint32_t width = static_cast<uint32_t>(hi - lo);
+    int64_t filled = 0;
+    for (int64_t j = 0; j < size(); ++j) {  // branch-free: the slot is overwritten unless the bin is inside
+      packed[filled] = (static_cast<uint64_t>(kk[j]) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+      filled += ((kk[j] >> 16) - static_cast<uint32_t>(lo)) <= width;
+    }
+    packed.pop_back();
+    std::vector<RankedElement> found;
+    auto first = packed.begin();
+    for (int64_t rank : ranks) {
+      auto nth = packed.begin() + (rank - above - 1);
+      std::nth_element(first, nth, packed.end(), std::greater<uint64_t>());
+      const int64_t j = 0xFFFFFFFFu - static_cast<uint32_t>(*nth & 0xFFFFFFFFu);
+      found.push_back({global_index(j), static_cast<uint32_t>(*nth >> 32)});
+      first = nth + 1;
+    }
+    return found;
+  }
+};
+
+template <int IN>
+TiesSample ties_sample(const void* base, const std::vector<const void*>& xs, int64_t n, const std::vector<char>& active) {
+  TiesSample smp;
+  const int64_t whole = n / kBlock;
+  smp.stride = std::max(kOnePassStride, (whole + kOnePassMaxSampleBlocks - 1) / kOnePassMaxSampleBlocks);
+  smp.groups = whole / smp.stride;
+  const size_t K = xs.size();
+  smp.keys.assign(K, {});
+  smp.hist.assign(K, std::vector<int64_t>(kBins, 0));
+  for (size_t k = 0; k < K; ++k)
+    if (active[k]) smp.keys[k].resize(static_cast<size_t>(smp.size()));
+#pragma omp parallel if (smp.size() >= kParallelMin)
+  {
+    std::vector<uint32_t> local(K * kBins, 0u);
+    alignas(64) float b[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < smp.groups; ++q) {
+      const int64_t s = smp.block_of_group(q) * kBlock;
+      load_block<IN>(base, s, kBlock, b);
+      for (size_t k = 0; k < K; ++k) {
+        if (!active[k]) continue;
+        uint32_t* key = smp.keys[k].data() + q * kBlock;
+        for (int64_t j = 0; j < kBlock; ++j) key[j] = magnitude_key(Io<IN>::load(xs[k], s + j) - b[j]);
+        alignas(64) uint32_t top[kBlock];
+        for (int64_t j = 0; j < kBlock; ++j) top[j] = key[j] >> 16;
+        count_lows(top, kBlock, local.data() + k * kBins);
+      }
+    }
+#pragma omp critical
+    for (size_t k = 0; k < K; ++k)
+      for (int i = 0; i < kBins; ++i) smp.hist[k][i] += local[k * kBins + i];
+  }
+  return smp;
+}
+
+struct OnePassResult {
+  bool ok = false;
+  int64_t band = 0, remerged = 0;  // band elements recorded, elements merged again
+};
+
+// One-pass TIES over the whole tensor (p.element_offset == 0). keep[k]: elements expert k keeps; experts with
+// 0 < keep < n are selected here, the others come with their fixed rule in p.threshold_keys / tie_cutoffs. On
+// success p holds the exact rule (keep iff key > threshold, or == threshold and index < cutoff).
+template <int IN, int OUT>
+OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n,
+                                 GtaParams& p, const std::vector<int64_t>& keep) {
+  OnePassResult res;
+  const size_t K = xs.size();
+  TiesBands bands;
+  bands.active.assign(K, 0);
+  for (size_t k = 0; k < K; ++k) bands.active[k] = keep[k] > 0 && keep[k] < n;
+  const TiesSample smp = ties_sample<IN>(base, xs, n, bands.active);
+  const int64_t m = smp.size();
+  if (m < 16 * kBlock) return res;  // too few sampled blocks to guess from
+  bands.upper.assign(K, {0, 0});
+  bands.lower.assign(K, {0, 0});
+  p.band_upper_keys.assign(K, 0);
+  p.band_lower_keys.assign(K, 0);
+  p.band_upper_idx.assign(K, 0);
+  p.band_lower_idx.assign(K, 0);
+  int64_t widest = 0;
+  for (size_t k = 0; k < K; ++k) {
+    if (!bands.active[k]) continue;
+    const int64_t r = std::clamp<int64_t>(std::llround(static_cast<double>(keep[k]) * m / n), 1, m);
+    const double sigma = std::sqrt(static_cast<double>(r) * (1.0 - static_cast<double>(r) / m));
+    const int64_t delta = static_cast<int64_t>(std::ceil(kOnePassSigmas * sigma)) + kOnePassSlack;
+    std::vector<int64_t> ranks;
+    if (r - delta >= 1) ranks.push_back(r - delta);
+    ranks.push_back(r);
+    if (r + delta <= m) ranks.push_back(r + delta);
+    const auto found = smp.at_ranks(k, ranks);
+    const RankedElement mid = found[r - delta >= 1 ? 1 : 0];
+    bands.upper[k] = r - delta >= 1 ? found.front() : RankedElement{0, 0xFFFFFFFFu};  // above every key
+    bands.lower[k] = r + delta <= m ? found.back() : RankedElement{n, 0u};            // below every element
+    p.threshold_keys[k] = mid.key;  // the guess: keep what ranks at or above mid
+    p.tie_cutoffs[k] = mid.idx + 1;
+    p.band_upper_keys[k] = bands.upper[k].key;
+    p.band_upper_idx[k] = bands.upper[k].idx;
+    p.band_lower_keys[k] = bands.lower[k].key;
+    p.band_lower_idx[k] = bands.lower[k].idx;
+    widest = std::max(widest, std::min(r + delta, m) - std::max<int64_t>(r - delta, 1) + 1);
+  }
+  // expected band: widest * n / m elements per expert; more means the sample misled
+  bands.cap = 2 * (widest * (n / m + 1)) + 4096;
+  const std::vector<uint32_t> guess_keys = p.threshold_keys;
+  const std::vector<int64_t> guess_cutoffs = p.tie_cutoffs;
+  gta_impl<IN, OUT>(base, xs, out, n, p, &bands);
+  for (const auto& part : bands.parts)
+    if (part.full) return res;
+
+  std::vector<int64_t> remerge;
+  for (size_t k = 0; k < K; ++k) {
+    if (!bands.active[k]) continue;
+    int64_t kept = 0;
+    std::vector<RankedElement> band;
+    for (const auto& part : bands.parts) {
+      kept += part.kept[k];
+      band.insert(band.end(), part.band[k].begin(), part.band[k].end());
+    }
+    res.band += static_cast<int64_t>(band.size());
+    const RankedElement mid{guess_cutoffs[k] - 1, guess_keys[k]};
+    int64_t above = kept;  // kept by the guess, less the band elements it kept
+    for (const auto& e : band) above -= !ranks_above(mid, e);
+    const int64_t need = keep[k] - above;  // how many of the band are kept
+    if (need < 0 || need > static_cast<int64_t>(band.size())) return res;
+    if (need == 0) {  // exactly what ranks above upper
+      p.threshold_keys[k] = bands.upper[k].key;
+      p.tie_cutoffs[k] = bands.upper[k].idx;
+    } else {
+      std::nth_element(band.begin(), band.begin() + (need - 1), band.end(), ranks_above);
+      p.threshold_keys[k] = band[need - 1].key;
+      p.tie_cutoffs[k] = band[need - 1].idx + 1;
+    }
+    for (int64_t i = 0; i < static_cast<int64_t>(band.size()); ++i) {
+      const bool keeps = i < need;  // after nth_element, the band's top `need` come first
+      const bool guessed = !ranks_above(mid, band[i]);
+      if (keeps != guessed) remerge.push_back(band[i].idx);
+    }
+  }
+  std::sort(remerge.begin(), remerge.end());
+  remerge.erase(std::unique(remerge.begin(), remerge.end()), remerge.end());
+  res.remerged = static_cast<int64_t>(remerge.size());
+  const int64_t count = res.remerged;
+#pragma omp parallel if (count >= 4096)
+  {
+    GtaScratch t(K);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < count; ++i) gta_block<IN, OUT>(base, xs, out, remerge[i], 1, p, t);
+  }
+  res.ok = true;
+  return res;
+}
+
+// With keep_counts (TIES over a whole tensor) the thresholds of the experts with 0 < keep < n are found in the
+// same pass (ties_one_pass_impl). Returns (ok, threshold keys, tie cutoffs, band elements, elements merged
+// again); ok is false only when the one-pass guess failed, and then the output must be merged again.
+std::tuple<bool, std::vector<uint32_t>, std::vector<int64_t>, int64_t, int64_t> gta_merge(
+    uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, uintptr_t out_ptr, int out_dtype,
+    int64_t n, int64_t element_offset, const std::vector<float>& weights, int sparsify, bool consensus,
+    bool normalize, float lambda, bool apply_lambda, float plain_divisor, const std::vector<uint32_t>& threshold_keys,
+    const std::vector<int64_t>& tie_cutoffs, const std::vector<uint64_t>& rng_keys,
+    const std::vector<uint64_t>& keep_below, const std::vector<float>& rescale,
+    const std::vector<int64_t>& keep_counts) {
+  const size_t K = x_ptrs.size();
+  if (K == 0 || weights.size() != K) throw std::invalid_argument("gta_merge: need one weight per expert");
+  if (sparsify == kMagnitude && (threshold_keys.size() != K || tie_cutoffs.size() != K))
+    throw std::invalid_argument("gta_merge: need one threshold and tie cutoff per expert");
+  if (sparsify == kRandom && (rng_keys.size() != K || keep_below.size() != K || rescale.size() != K))
+    throw std::invalid_argument("gta_merge: need one rng key, keep threshold and rescale per expert");
+  const bool one_pass = !keep_counts.empty();
+  if (one_pass && (sparsify != kMagnitude || keep_counts.size() != K || element_offset != 0))
+    throw std::invalid_argument("gta_merge: keep_counts need magnitude sparsification, one per expert, offset 0");
+  GtaParams p;
+  p.sparsify = sparsify;
+  p.consensus = consensus;
+  p.normalize = normalize;
+  p.lambda = lambda;
+  p.apply_lambda = apply_lambda;
+  p.plain_divisor = plain_divisor;
+  p.element_offset = element_offset;
+  p.weights = weights;
+  p.threshold_keys = threshold_keys;
+  p.tie_cutoffs = tie_cutoffs;
+  p.rng_keys = rng_keys;
+  p.keep_below = keep_below;
+  p.rescale = rescale;
+  const auto xs = as_ptrs(x_ptrs);
+  OnePassResult res;
+  res.ok = true;
+  {
+    py::gil_scoped_release release;
+    dispatch_in_out(in_dtype, out_dtype, [&](auto in_c, auto out_c) {
+      constexpr int IN = decltype(in_c)::value, OUT = decltype(out_c)::value;
+      const void* base = reinterpret_cast<const void*>(base_ptr);
+      void* out = reinterpret_cast<void*>(out_ptr);
+      if (one_pass)
+        res = ties_one_pass_impl<IN, OUT>(base, xs, out, n, p, keep_counts);
+      else
+        gta_impl<IN, OUT>(base, xs, out, n, p);
+    });
+  }
+  return {res.ok, p.threshold_keys, p.tie_cutoffs, res.band, res.remerged};
+}
+
+// ---------------------------------------------------------------- magnitude selection (TIES)
+// key(i) = fp32 bits of |x_k[i] - b[i]| (monotone in the magnitude). Level 0 histograms key >> 16;
+// level 1 histograms key & 0xffff over the elements whose key >> 16 equals the expert's prefix p.
+// Counts are added into hist (int64 [K, 65536]) so calls over row chunks accumulate. With window
+// (int64 [K, kWindow], level 1 only) each call also adds, per expert, the count of keys whose top half
+// exceeds p + 2 and the counts of top halves p + 2, p + 1, p, p - 1, p - 2: these confirm (or correct)
+// a prefix guessed from a sample without a full level-0 pass.
+constexpr int kWindow = 6;
+constexpr int64_t kSampleTableMin = int64_t{1} << 20;  // smaller samples: one thread, no 64K-bin tables
+constexpr int kReach = 2;  // the window covers prefixes p - kReach .. p + kReach
 
 inline void window_count(uint32_t hi, uint32_t prefix, int64_t* w) {
   const int64_t d = static_cast<int64_t>(prefix) + kReach - static_cast<int64_t>(hi);  // 0 at p + 2
@@ -705,7 +1028,7 @@ void register_merge_ops(py::module_& m) {
         py::arg("n"), py::arg("element_offset"), py::arg("weights"), py::arg("sparsify"), py::arg("consensus"),
         py::arg("normalize"), py::arg("lambda_"), py::arg("apply_lambda"), py::arg("plain_divisor"),
         py::arg("threshold_keys"), py::arg("tie_cutoffs"), py::arg("rng_keys"), py::arg("keep_below"),
-        py::arg("rescale"));
+        py::arg("rescale"), py::arg("keep_counts") = std::vector<int64_t>{});
   m.def("magnitude_histogram", &magnitude_histogram, "accumulate |tau| key histograms (level 0: hi16, 1: lo16 [+ prefix window counts])",
         py::arg("base_ptr"), py::arg("x_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("level"),
         py::arg("prefixes"), py::arg("hist_ptr"), py::arg("window_ptr") = 0, py::arg("stride") = 1);

@@ -254,6 +254,91 @@ def test_selection_rejects_missing_or_unordered_chunks():
         sel.update(base[20:], [xs[0][20:]], element_offset=100)
 
 
+def _one_pass_cpp(base, xs, w, dens, out_dtype):
+    """The C++ one-pass TIES called directly: (output, ok, kept masks, band size, elements merged again)."""
+    from alignmerge.ops import merge as merge_ops
+    from alignmerge.ops._backend import cpp_extension, dtype_code
+
+    n = base.numel()
+    out = torch.empty(base.shape, dtype=out_dtype)
+    fixed = merge_ops._fixed_thresholds(n, dens)
+    ok, keys, cutoffs, band, remerged = cpp_extension().gta_merge(
+        base.data_ptr(), [x.data_ptr() for x in xs], dtype_code(base), out.data_ptr(), dtype_code(out), n, 0, w,
+        1, True, True, 1.0, False, 1.0, list(fixed.keys), list(fixed.cutoffs), [], [], [],
+        [ref.magnitude_keep_count(n, d) for d in dens])
+    masks = [ref.magnitude_mask_reference(base, x, key, cut) for x, key, cut in zip(xs, keys, cutoffs)]
+    return out, ok, masks, band, remerged
+
+
+def _is_exact_topk(base, x, density, kept):
+    """kept is the top-k of |x - base| bits with ties at the threshold kept at the lowest indices."""
+    keys = ref.magnitude_keys_reference(base, x).view(-1)
+    kept = kept.view(-1)
+    k = ref.magnitude_keep_count(keys.numel(), density)
+    if int(kept.sum()) != k:
+        return False
+    if k in (0, keys.numel()):
+        return True
+    t = int(keys[kept].min())
+    if int(keys[~kept].max()) > t:
+        return False
+    ties = torch.nonzero(keys == t).view(-1)
+    kept_ties = kept[ties]
+    return bool(kept_ties[:int(kept_ties.sum())].all())  # the kept ties come first in index order
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_one_pass_ties_matches_reference(in_dtype, monkeypatch):
+    """Whole-tensor TIES on the C++ backend selects in its merge pass (sampled band, exact k-th inside it,
+    wrong guesses merged again): the same tensor as the reference, for odd sizes, experts that keep all or
+    nothing, bf16 task vectors of a few ulps (keys crowd on few values) and continuous ones."""
+    from alignmerge.ops import merge as merge_ops
+
+    monkeypatch.setattr(merge_ops, "ONE_PASS_MIN_NUMEL", 1)
+    cases = [((70_001,), [0.3, 0.5, 0.01], 0.02), ((389, 263), [0.37, 1.0, 0.0], 0.002),
+             ((1001, 301), [0.5, 0.2, 0.999], 0.002), ((257, 1031), [1e-4, 0.6], 0.02)]
+    for i, (shape, dens, noise) in enumerate(cases):
+        base, xs = _inputs(shape, len(dens), in_dtype, seed=60 + i, noise=noise)
+        w = WEIGHTS[:len(dens)]
+        out, ok, masks, band, remerged = _one_pass_cpp(base, xs, w, dens, torch.bfloat16)
+        assert ok and band > 0
+        assert all(_is_exact_topk(base, x, d, m) for x, d, m in zip(xs, dens, masks))
+        want = ref.ties_reference(base, xs, w, density=dens, out_dtype=torch.bfloat16)
+        _assert_same(out, want)
+        for out_dtype, lam, normalize in [(torch.bfloat16, 1.0, True), (torch.float32, 0.6, False)]:
+            _assert_same(ops.ties(base, xs, w, density=dens, lambda_=lam, normalize=normalize, out_dtype=out_dtype,
+                                  backend="cpp"),
+                         ref.ties_reference(base, xs, w, density=dens, lambda_=lam, normalize=normalize,
+                                            out_dtype=out_dtype))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_one_pass_ties_falls_back_when_the_sample_misleads(monkeypatch):
+    """The sampled blocks (block q·16 + 7q mod 16 of each group of 16, csrc TiesSample) far above the rest:
+    the guessed band misses the k-th element, the one-pass call reports failure, and ops.ties selects exactly
+    and merges again. Tensors under 16 sampled blocks are not guessed at all."""
+    from alignmerge.ops import merge as merge_ops
+
+    monkeypatch.setattr(merge_ops, "ONE_PASS_MIN_NUMEL", 1)
+    blocks = 16 * 40
+    block = torch.arange(blocks * 256) // 256
+    sampled = block % 16 == (block // 16 * 7) % 16
+    g = torch.Generator().manual_seed(3)
+    x = 1.0 + 0.5 * torch.rand(blocks * 256, generator=g)
+    x = torch.where(sampled, 4.0 * x, x).to(torch.bfloat16)
+    base = torch.zeros_like(x)
+    for dens in ([0.5], [0.03]):
+        out, ok, *_ = _one_pass_cpp(base, [x], [1.0], dens, torch.bfloat16)
+        assert not ok
+        _assert_same(ops.ties(base, [x], [1.0], density=dens, backend="cpp"),
+                     ref.ties_reference(base, [x], [1.0], density=dens))
+    small, xs = _inputs((15 * 16 * 256,), 2, torch.bfloat16, seed=4, noise=0.002)
+    assert not _one_pass_cpp(small, xs, [1.0, 1.0], [0.4, 0.4], torch.bfloat16)[1]
+    _assert_same(ops.ties(small, xs, [1.0, 1.0], density=0.4, backend="cpp"),
+                 ref.ties_reference(small, xs, [1.0, 1.0], density=0.4))
+
+
 # ---------------------------------------------------------------- DARE stream
 def test_dare_stream_same_on_every_backend_and_matches_python_ints():
     key = ref.dare_stream_key(11, 4, 2)

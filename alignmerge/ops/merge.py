@@ -156,7 +156,9 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, n
 # ------------------------------------------------------------------ generalised task arithmetic
 def _gta(op: str, base, tensors, weights, *, sparsify: int, consensus: bool, normalize: bool, lambda_: float,
          element_offset: int, out_dtype, out, backend, thresholds: "MagnitudeThresholds | None" = None,
-         rng_keys=None, keep_below=None, rescale=None, keep_masks=None) -> torch.Tensor:
+         rng_keys=None, keep_below=None, rescale=None, keep_masks=None,
+         keep_counts: Sequence[int] | None = None) -> torch.Tensor | None:
+    """The generalised task arithmetic on the chosen backend; None only if a one-pass TIES guess failed."""
     w = _check_weights(op, weights, len(tensors))
     out = _prepare_out(op, base, out_dtype, out)
     chosen = choose_backend(base, backend)
@@ -176,11 +178,13 @@ def _gta(op: str, base, tensors, weights, *, sparsify: int, consensus: bool, nor
     keys = list(thresholds.keys) if thresholds is not None else None
     cutoffs = list(thresholds.cutoffs) if thresholds is not None else None
     if chosen == "cpp":
-        cpp_extension().gta_merge(
+        ok, *_ = cpp_extension().gta_merge(
             b.data_ptr(), _ptrs(flat), dtype_code(base), out.data_ptr(), dtype_code(out), base.numel(),
             int(element_offset), w, sparsify, bool(consensus), bool(normalize), float(lambda_),
             float(lambda_) != 1.0, plain, keys or [], cutoffs or [], list(rng_keys or []), list(keep_below or []),
-            [float(r) for r in rescale] if rescale is not None else [])
+            [float(r) for r in rescale] if rescale is not None else [], list(keep_counts or []))
+        if not ok:
+            return None
     else:
         _triton_module("ties").gta_merge_triton(
             b, flat, out.view(-1), weights=w, sparsify=sparsify, consensus=consensus, normalize=normalize,
@@ -470,6 +474,23 @@ def magnitude_thresholds(base: torch.Tensor, tensors: Sequence[torch.Tensor], de
     return sel.thresholds()
 
 
+ONE_PASS_MIN_NUMEL = 1 << 20
+"""From this size on, whole-tensor TIES on the C++ backend selects in its merge pass: a sample guesses each
+expert's k-th magnitude and a band around it, the pass records the band, and only the elements the guess got
+wrong are merged again (csrc/merge_ops.cpp, ties_one_pass_impl). If the k-th element falls outside the band,
+the exact :class:`MagnitudeSelection` runs and the merge is repeated; the result is the same either way."""
+
+
+def _fixed_thresholds(numel: int, densities: Sequence[float]) -> MagnitudeThresholds:
+    """The rule of experts that keep everything or nothing (placeholders for the others)."""
+    keys, cutoffs = [], []
+    for d in densities:
+        keep = ref.magnitude_keep_count(numel, d)
+        keys.append(KEEP_NONE_KEY if keep == 0 else 0)
+        cutoffs.append(KEEP_ALL_TIES if keep == numel else 0)
+    return MagnitudeThresholds(tuple(keys), tuple(cutoffs))
+
+
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density,
          lambda_: float = 1.0, normalize: bool = True, consensus: bool = True,
          thresholds: MagnitudeThresholds | None = None, element_offset: int = 0,
@@ -487,6 +508,13 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
     if thresholds is None:
         if element_offset != 0:
             raise ValueError(f"{op}: a chunk (element_offset={element_offset}) needs whole-tensor thresholds")
+        if choose_backend(base, backend) == "cpp" and base.numel() >= ONE_PASS_MIN_NUMEL:
+            merged = _gta(op, base, tensors, weights, sparsify=_SPARSIFY_MAGNITUDE, consensus=consensus,
+                          normalize=normalize, lambda_=lambda_, element_offset=0, out_dtype=out_dtype, out=out,
+                          backend="cpp", thresholds=_fixed_thresholds(base.numel(), densities),
+                          keep_counts=[ref.magnitude_keep_count(base.numel(), d) for d in densities])
+            if merged is not None:
+                return merged
         thresholds = magnitude_thresholds(base, tensors, densities, backend=backend)
     elif len(thresholds.keys) != len(tensors):
         raise ValueError(f"{op}: thresholds has {len(thresholds.keys)} experts for {len(tensors)} tensors")
