@@ -21,6 +21,7 @@ import torch
 from alignmerge.errors import NonFiniteError
 from alignmerge.io.writer import ShardedWriter
 from alignmerge.methods import TensorInputs
+from alignmerge.ops._backend import choose_backend
 from alignmerge.plan import MergePlan, TensorTask
 
 
@@ -78,6 +79,9 @@ class Executor:
         self.writer = writer
         self.device = torch.device(device)
         self.backend = backend
+        # the method finds NaN/Inf inputs in its own pass on this backend: inputs are not counted on read
+        self.merge_checks_inputs = plan.method.merge_checks_inputs(
+            choose_backend(torch.empty(0, device=self.device), backend))
         self.seed = seed
         self.allow_nonfinite = allow_nonfinite
         self.prefetch = prefetch
@@ -127,7 +131,8 @@ class Executor:
         read = partial(self._read_input, unit, slot=slot)
         if task.copy_from_reference:
             return [read(self.plan.reference, 0, check=False)], None, None
-        check = not self.allow_nonfinite and not self.plan.method.output_reveals_nonfinite_inputs
+        check = not (self.allow_nonfinite or self.plan.method.output_reveals_nonfinite_inputs
+                     or self.merge_checks_inputs)
         on_host = self.copy_stream is None  # on CUDA inputs are counted on the GPU, after their copies
         tensors = [read(ck, k, check=check and on_host) for k, ck in enumerate(self.plan.models)]
         base = read(self.plan.base, len(tensors), check=check and on_host) if self.plan.base is not None else None
@@ -189,10 +194,15 @@ class Executor:
         if len(task.chunks) > 1 and task.index not in state:
             state[task.index] = self._chunk_statistic(task, inputs)
         inputs.state = state.get(task.index)
+        inputs.check_finite = self.merge_checks_inputs and not self.allow_nonfinite
         which = self._units_merged % 2
         self._units_merged += 1
         out = self._out_buffer(task, unit, which)
-        merged = self.plan.method.merge(inputs, out_dtype=task.out_dtype, out=out, backend=self.backend)
+        try:
+            merged = self.plan.method.merge(inputs, out_dtype=task.out_dtype, out=out, backend=self.backend)
+        except NonFiniteError:
+            self._name_nonfinite_input(unit)  # raises the error that names the file
+            raise
         if merged.data_ptr() != out.data_ptr():  # the write outlives this call: never a view of an input buffer
             merged = out.copy_(merged)
         if unit.rows[1] == (task.shape[0] if task.shape else 1):
@@ -230,8 +240,9 @@ class Executor:
         return done
 
     def _name_nonfinite_input(self, unit: WorkUnit) -> None:
-        """After a NaN/Inf output of a method whose output reveals its inputs' (unchecked on read): raise the
-        error that names the input holding one; return if every input is finite (the merge overflowed)."""
+        """After a NaN/Inf found by the merge or in the output of a method whose output reveals its inputs'
+        (inputs unchecked on read): raise the error that names the input holding one; return if every input
+        is finite (the merge overflowed)."""
         models = [*self.plan.models, *([self.plan.base] if self.plan.base is not None else [])]
         for key, ck in enumerate(models):
             self._read_input(unit, ck, key, slot=_LOCATE_SLOT, check=True)

@@ -306,11 +306,12 @@ void gta_combine(const float* wd_all, const float* b, int64_t len, const GtaPara
 // Per-thread buffers of one block step.
 struct GtaScratch {
   explicit GtaScratch(size_t experts)
-      : wd(experts * kBlock), keys(experts * kBlock), flags(experts * kBlock), kept(experts) {}
+      : wd(experts * kBlock), keys(experts * kBlock), flags(experts * kBlock), kept(experts), nonfinite(experts) {}
   std::vector<float> wd;
   std::vector<uint32_t> keys;  // one-pass TIES: the block's magnitude keys, expert-major,
   std::vector<uint32_t> flags;  // 1 where the element is in the expert's band,
   std::vector<int32_t> kept;   // and the count of elements kept by the guessed rule
+  std::vector<int64_t> nonfinite;  // kMagnitude: NaN/Inf task-vector elements per expert, summed over blocks
   alignas(64) float b[kBlock];
   alignas(64) float mixed[kBlock];
   alignas(64) float keep[kBlock];
@@ -345,12 +346,13 @@ void gta_block(const void* base, const std::vector<const void*>& xs, void* out, 
         up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper_idx[k] - g0, 0, len));
         low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower_idx[k] - g0 + 1, 0, len));
       }
-      int32_t kept = 0;
+      int32_t kept = 0, nonfinite = 0;
       for (int32_t j = 0; j < n32; ++j) {
         const float d = Io<IN>::load(x, s + j) - b[j];
         const uint32_t key = magnitude_key(d);
         const bool keep = (key > th) | ((key == th) & (j < cut));
         wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
+        nonfinite += key >= 0x7f800000u;  // TIES may drop an element: count what its output will not show
         if constexpr (BANDS) {
           const bool above_upper = (key > up) | ((key == up) & (j < up_cut));
           const bool below_lower = (key < low) | ((key == low) & (j >= low_cut));
@@ -360,6 +362,7 @@ void gta_block(const void* base, const std::vector<const void*>& xs, void* out, 
         }
       }
       if constexpr (BANDS) t.kept[k] = kept;
+      t.nonfinite[k] += nonfinite;
     } else if (p.sparsify == kRandom) {
       dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, t.keep);
       const float r = p.rescale[k];
@@ -470,9 +473,11 @@ struct TiesBands {
   }
 };
 
+// The whole merge; kMagnitude adds each expert's NaN/Inf task-vector elements to nonfinite. With bands
+// (one-pass TIES) each block's keys are also scanned into them.
 template <int IN, int OUT>
 void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p,
-              TiesBands* bands = nullptr) {
+              std::vector<int64_t>& nonfinite, TiesBands* bands = nullptr) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel if (n >= kParallelMin)
   {
@@ -491,9 +496,10 @@ void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, i
         bands->scan(part, t, p.element_offset + s, len);
       }
     }
-    if (bands != nullptr) {
 #pragma omp critical
-      bands->parts.push_back(std::move(part));
+    {
+      for (size_t k = 0; k < xs.size(); ++k) nonfinite[k] += t.nonfinite[k];
+      if (bands != nullptr) bands->parts.push_back(std::move(part));
     }
   }
 }
@@ -591,6 +597,7 @@ TiesSample ties_sample(const void* base, const std::vector<const void*>& xs, int
 struct OnePassResult {
   bool ok = false;
   int64_t band = 0, remerged = 0;  // band elements recorded, elements merged again
+  std::vector<int64_t> nonfinite;  // per expert: NaN/Inf task-vector elements
 };
 
 // One-pass TIES over the whole tensor (p.element_offset == 0). keep[k]: elements expert k keeps; experts with
@@ -599,8 +606,9 @@ struct OnePassResult {
 template <int IN, int OUT>
 OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n,
                                  GtaParams& p, const std::vector<int64_t>& keep) {
-  OnePassResult res;
   const size_t K = xs.size();
+  OnePassResult res;
+  res.nonfinite.assign(K, 0);
   TiesBands bands;
   bands.active.assign(K, 0);
   for (size_t k = 0; k < K; ++k) bands.active[k] = keep[k] > 0 && keep[k] < n;
@@ -639,7 +647,7 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
   bands.cap = 2 * (widest * (n / m + 1)) + 4096;
   const std::vector<uint32_t> guess_keys = p.threshold_keys;
   const std::vector<int64_t> guess_cutoffs = p.tie_cutoffs;
-  gta_impl<IN, OUT>(base, xs, out, n, p, &bands);
+  gta_impl<IN, OUT>(base, xs, out, n, p, res.nonfinite, &bands);
   for (const auto& part : bands.parts)
     if (part.full) return res;
 
@@ -688,8 +696,9 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
 
 // With keep_counts (TIES over a whole tensor) the thresholds of the experts with 0 < keep < n are found in the
 // same pass (ties_one_pass_impl). Returns (ok, threshold keys, tie cutoffs, band elements, elements merged
-// again); ok is false only when the one-pass guess failed, and then the output must be merged again.
-std::tuple<bool, std::vector<uint32_t>, std::vector<int64_t>, int64_t, int64_t> gta_merge(
+// again, NaN/Inf task-vector elements per expert (magnitude sparsification only)); ok is false only when the
+// one-pass guess failed, and then the output must be merged again.
+std::tuple<bool, std::vector<uint32_t>, std::vector<int64_t>, int64_t, int64_t, std::vector<int64_t>> gta_merge(
     uintptr_t base_ptr, const std::vector<uintptr_t>& x_ptrs, int in_dtype, uintptr_t out_ptr, int out_dtype,
     int64_t n, int64_t element_offset, const std::vector<float>& weights, int sparsify, bool consensus,
     bool normalize, float lambda, bool apply_lambda, float plain_divisor, const std::vector<uint32_t>& threshold_keys,
@@ -722,6 +731,7 @@ std::tuple<bool, std::vector<uint32_t>, std::vector<int64_t>, int64_t, int64_t> 
   const auto xs = as_ptrs(x_ptrs);
   OnePassResult res;
   res.ok = true;
+  res.nonfinite.assign(K, 0);
   {
     py::gil_scoped_release release;
     dispatch_in_out(in_dtype, out_dtype, [&](auto in_c, auto out_c) {
@@ -731,10 +741,10 @@ std::tuple<bool, std::vector<uint32_t>, std::vector<int64_t>, int64_t, int64_t> 
       if (one_pass)
         res = ties_one_pass_impl<IN, OUT>(base, xs, out, n, p, keep_counts);
       else
-        gta_impl<IN, OUT>(base, xs, out, n, p);
+        gta_impl<IN, OUT>(base, xs, out, n, p, res.nonfinite);
     });
   }
-  return {res.ok, p.threshold_keys, p.tie_cutoffs, res.band, res.remerged};
+  return {res.ok, p.threshold_keys, p.tie_cutoffs, res.band, res.remerged, res.nonfinite};
 }
 
 // ---------------------------------------------------------------- magnitude selection (TIES)

@@ -254,6 +254,30 @@ def test_selection_rejects_missing_or_unordered_chunks():
         sel.update(base[20:], [xs[0][20:]], element_offset=100)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("numel", [3001, 70_001])
+def test_ties_check_finite_names_the_input(backend, numel, monkeypatch):
+    """TIES can drop a NaN/Inf from its output (top-k, sign election), so check_finite raises for one in
+    the inputs; the C++ pass counts the task vector's as it merges (one-pass or not), an overflowing task
+    vector of finite inputs is not an input's fault, and check_finite=False merges whatever comes."""
+    from alignmerge.errors import NonFiniteError
+    from alignmerge.ops import merge as merge_ops
+
+    monkeypatch.setattr(merge_ops, "ONE_PASS_MIN_NUMEL", 1)
+    for where, value in [(1, float("nan")), (0, float("inf")), ("base", -float("inf"))]:
+        base, xs = _inputs((numel,), 2, torch.bfloat16, seed=7)
+        bad = base if where == "base" else xs[where]
+        bad[numel // 2] = value
+        name = "base" if where == "base" else f"tensors\\[{where}\\]"
+        with pytest.raises(NonFiniteError, match=f"ties: {name} contains 1 NaN/Inf values"):
+            ops.ties(base, xs, [1.0, 1.0], density=0.3, backend=backend, check_finite=True)
+        ops.ties(base, xs, [1.0, 1.0], density=0.3, backend=backend)
+    base, xs = _inputs((numel,), 2, torch.float32, seed=7)
+    base[0], xs[0][0] = -3e38, 3e38  # finite inputs, an infinite task-vector element
+    got = ops.ties(base, xs, [1.0, 1.0], density=0.3, backend=backend, check_finite=True)
+    assert torch.isinf(got[0])
+
+
 def _one_pass_cpp(base, xs, w, dens, out_dtype):
     """The C++ one-pass TIES called directly: (output, ok, kept masks, band size, elements merged again)."""
     from alignmerge.ops import merge as merge_ops
@@ -262,7 +286,7 @@ def _one_pass_cpp(base, xs, w, dens, out_dtype):
     n = base.numel()
     out = torch.empty(base.shape, dtype=out_dtype)
     fixed = merge_ops._fixed_thresholds(n, dens)
-    ok, keys, cutoffs, band, remerged = cpp_extension().gta_merge(
+    ok, keys, cutoffs, band, remerged, _ = cpp_extension().gta_merge(
         base.data_ptr(), [x.data_ptr() for x in xs], dtype_code(base), out.data_ptr(), dtype_code(out), n, 0, w,
         1, True, True, 1.0, False, 1.0, list(fixed.keys), list(fixed.cutoffs), [], [], [],
         [ref.magnitude_keep_count(n, d) for d in dens])

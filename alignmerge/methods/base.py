@@ -39,6 +39,9 @@ class TensorInputs:
     element_offset: int = 0
     state: Any = None
     """The finished ``MergeMethod.chunk_statistic`` when the tensor is merged in row chunks."""
+    check_finite: bool = False
+    """Set by the executor when ``MergeMethod.merge_checks_inputs``: the merge raises NonFiniteError for a
+    NaN/Inf input."""
 
 
 class MergeMethod(ABC):
@@ -58,6 +61,11 @@ class MergeMethod(ABC):
     """True if every input element enters its output element arithmetically, with no element dropped or
     selected (0·NaN = NaN, 0·Inf = NaN), so a NaN/Inf input always yields a NaN/Inf output: the executor's
     check of the output then covers the inputs too, saving a pass over them (tested in ``test_merge_kernels``)."""
+
+    def merge_checks_inputs(self, backend: str) -> bool:
+        """True if ``merge`` on ``backend`` finds NaN/Inf inputs itself when ``inputs.check_finite`` is set (in
+        the pass it makes anyway), so the executor need not count them on read."""
+        return False
 
     def chunkable(self, name: str, shape: tuple[int, ...], method_params: dict[str, Any]) -> bool:
         """True if tensor ``name`` may be merged in row chunks (with ``chunk_statistic`` for whole-tensor terms)."""

@@ -34,6 +34,9 @@ class Ties(MergeMethod):
     model_parameters = {"weight": REQUIRED, "density": 1.0}
     method_parameters = {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False}
 
+    def merge_checks_inputs(self, backend: str) -> bool:
+        return backend == "cpp"  # its pass counts the NaN/Inf task-vector elements (csrc gta_block)
+
     def chunk_statistic(self, inputs: TensorInputs, numel: int) -> WholeTensorSelection:
         return WholeTensorSelection(inputs, numel)
 
@@ -44,4 +47,5 @@ class Ties(MergeMethod):
             normalize=bool(inputs.method_params["normalize"]),
             thresholds=inputs.state.selection.thresholds() if inputs.state is not None else None,
             element_offset=inputs.element_offset, out_dtype=out_dtype, out=out, backend=backend,
+            check_finite=inputs.check_finite,
         )

@@ -32,7 +32,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from alignmerge.errors import NonFiniteError
 from alignmerge.ops import reference as ref
+from alignmerge.ops.checks import count_nonfinite
 from alignmerge.ops._backend import DTYPE_CODES, choose_backend, cpp_extension, dtype_code
 from alignmerge.ops.reference import KEEP_ALL_TIES, KEEP_NONE_KEY
 
@@ -157,8 +159,10 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, n
 def _gta(op: str, base, tensors, weights, *, sparsify: int, consensus: bool, normalize: bool, lambda_: float,
          element_offset: int, out_dtype, out, backend, thresholds: "MagnitudeThresholds | None" = None,
          rng_keys=None, keep_below=None, rescale=None, keep_masks=None,
-         keep_counts: Sequence[int] | None = None) -> torch.Tensor | None:
-    """The generalised task arithmetic on the chosen backend; None only if a one-pass TIES guess failed."""
+         keep_counts: Sequence[int] | None = None, check_finite: bool = False) -> torch.Tensor | None:
+    """The generalised task arithmetic on the chosen backend; None only if a one-pass TIES guess failed.
+
+    ``check_finite``: NonFiniteError if an input holds NaN/Inf (counted in the C++ magnitude pass itself)."""
     w = _check_weights(op, weights, len(tensors))
     out = _prepare_out(op, base, out_dtype, out)
     chosen = choose_backend(base, backend)
@@ -168,6 +172,8 @@ def _gta(op: str, base, tensors, weights, *, sparsify: int, consensus: bool, nor
         raise ValueError(f"{op}: element_offset must be >= 0, got {element_offset}")
     plain = ref.sequential_sum_fp32(w)
     plain = 1.0 if abs(plain) < 1e-8 else plain
+    if check_finite and not (chosen == "cpp" and sparsify == _SPARSIFY_MAGNITUDE):
+        _raise_nonfinite_inputs(op, base, tensors, backend)
     if chosen == "torch":
         out.copy_(ref.gta_reference(base, list(tensors), w, keep_masks=keep_masks, rescale=rescale,
                                     consensus=consensus, normalize=normalize, lambda_=lambda_,
@@ -178,11 +184,13 @@ def _gta(op: str, base, tensors, weights, *, sparsify: int, consensus: bool, nor
     keys = list(thresholds.keys) if thresholds is not None else None
     cutoffs = list(thresholds.cutoffs) if thresholds is not None else None
     if chosen == "cpp":
-        ok, *_ = cpp_extension().gta_merge(
+        ok, _, _, _, _, nonfinite = cpp_extension().gta_merge(
             b.data_ptr(), _ptrs(flat), dtype_code(base), out.data_ptr(), dtype_code(out), base.numel(),
             int(element_offset), w, sparsify, bool(consensus), bool(normalize), float(lambda_),
             float(lambda_) != 1.0, plain, keys or [], cutoffs or [], list(rng_keys or []), list(keep_below or []),
             [float(r) for r in rescale] if rescale is not None else [], list(keep_counts or []))
+        if check_finite and any(nonfinite):  # a NaN/Inf task-vector element: from an input, or an overflow
+            _raise_nonfinite_inputs(op, base, tensors, backend)
         if not ok:
             return None
     else:
@@ -191,6 +199,14 @@ def _gta(op: str, base, tensors, weights, *, sparsify: int, consensus: bool, nor
             lambda_=lambda_, plain_divisor=plain, element_offset=int(element_offset), threshold_keys=keys,
             tie_cutoffs=cutoffs, rng_keys=rng_keys, keep_below=keep_below, rescale=rescale)
     return out
+
+
+def _raise_nonfinite_inputs(op: str, base: torch.Tensor, tensors, backend) -> None:
+    """NonFiniteError naming the first of base, tensors[0], ... that holds NaN/Inf."""
+    for name, t in [("base", base), *((f"tensors[{k}]", t) for k, t in enumerate(tensors))]:
+        count = count_nonfinite(t, backend=backend)
+        if count:
+            raise NonFiniteError(f"{op}: {name} contains {count} NaN/Inf values")
 
 
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -495,12 +511,13 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
          lambda_: float = 1.0, normalize: bool = True, consensus: bool = True,
          thresholds: MagnitudeThresholds | None = None, element_offset: int = 0,
          out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-         backend: str | None = None) -> torch.Tensor:
+         backend: str | None = None, check_finite: bool = False) -> torch.Tensor:
     """TIES (mergekit ``ties``): magnitude top-k per expert, sign election ("sum"), disjoint mean.
 
     ``density``: float or one per expert. ``thresholds``: from :func:`magnitude_thresholds` or a
     :class:`MagnitudeSelection` over the whole tensor; required when ``element_offset`` != 0
-    (a chunk), computed here otherwise.
+    (a chunk), computed here otherwise. ``check_finite``: raise NonFiniteError if base or an expert
+    holds NaN/Inf (the sign election can drop one from the output); the C++ pass counts them as it merges.
     """
     op = "ties"
     _check_tensors(op, tensors, base)
@@ -512,7 +529,8 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
             merged = _gta(op, base, tensors, weights, sparsify=_SPARSIFY_MAGNITUDE, consensus=consensus,
                           normalize=normalize, lambda_=lambda_, element_offset=0, out_dtype=out_dtype, out=out,
                           backend="cpp", thresholds=_fixed_thresholds(base.numel(), densities),
-                          keep_counts=[ref.magnitude_keep_count(base.numel(), d) for d in densities])
+                          keep_counts=[ref.magnitude_keep_count(base.numel(), d) for d in densities],
+                          check_finite=check_finite)
             if merged is not None:
                 return merged
         thresholds = magnitude_thresholds(base, tensors, densities, backend=backend)
@@ -524,7 +542,7 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
                  for x, key, cut in zip(tensors, thresholds.keys, thresholds.cutoffs)]
     return _gta(op, base, tensors, weights, sparsify=_SPARSIFY_MAGNITUDE, consensus=consensus, normalize=normalize,
                 lambda_=lambda_, element_offset=element_offset, out_dtype=out_dtype, out=out, backend=backend,
-                thresholds=thresholds, keep_masks=masks)
+                thresholds=thresholds, keep_masks=masks, check_finite=check_finite)
 
 
 # ------------------------------------------------------------------ DARE
