@@ -20,7 +20,8 @@ Formulas (tau_k = x_k - base, w_k the expert weights, all per element):
 Chunking: an executor that cannot hold a whole tensor passes row chunks with ``element_offset`` (the
 flat index of the chunk's first element). ``dare`` and ``task_arithmetic`` are elementwise; ``ties``
 needs whole-tensor thresholds first: run a :class:`MagnitudeSelection` over the chunks (two or three
-passes), then call ``ties(..., thresholds=selection.thresholds(), element_offset=...)`` per chunk.
+passes), then call ``ties(..., thresholds=selection.thresholds(), element_offset=...)`` per chunk. A whole
+tensor given to ``ties`` on the C++ backend is selected in the merge pass itself (``ONE_PASS_MIN_NUMEL``).
 For DARE with mergekit's L1 rescale use :class:`DareL1Rescale` the same way.
 """
 from __future__ import annotations
