@@ -34,6 +34,12 @@ class Ties(MergeMethod):
     model_parameters = {"weight": REQUIRED, "density": 1.0}
     method_parameters = {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False}
 
+    def working_bytes(self, numel: int, n_models: int) -> int:
+        """Whole-tensor TIES on the C++ backend (from ops.merge.ONE_PASS_MIN_NUMEL elements) keeps, per expert,
+        its sample's keys (4 bytes for one element in 16) and the band it records (16 bytes an element; the
+        band's cap, twice its expected size, is under 4% of the elements): under 1 byte per element and expert."""
+        return n_models * numel if numel >= ops.merge.ONE_PASS_MIN_NUMEL else 0
+
     def merge_checks_inputs(self, backend: str) -> bool:
         return backend == "cpp"  # its pass counts the NaN/Inf task-vector elements (csrc gta_block)
 
