@@ -210,6 +210,16 @@ void weighted_sum(const std::vector<uintptr_t>& x_ptrs, int in_dtype, const std:
 // ---------------------------------------------------------------- generalised task arithmetic
 enum Sparsify : int { kNone = 0, kMagnitude = 1, kRandom = 2 };
 
+// An element of one-pass TIES's order (key descending, then flat index ascending; see ties_one_pass_impl).
+struct RankedElement {
+  int64_t idx;
+  uint32_t key;
+};
+
+inline bool ranks_above(const RankedElement& a, const RankedElement& b) {
+  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+}
+
 struct GtaParams {
   int sparsify = kNone;
   bool consensus = false;
@@ -224,8 +234,7 @@ struct GtaParams {
   std::vector<uint64_t> rng_keys;        // random: keep iff uniform32 < keep_below
   std::vector<uint64_t> keep_below;
   std::vector<float> rescale;            // random: survivors multiplied by this (1 -> skipped)
-  std::vector<uint32_t> band_upper_keys, band_lower_keys;  // one-pass TIES: flag the band between these
-  std::vector<int64_t> band_upper_idx, band_lower_idx;     // elements (see TiesBands)
+  std::vector<RankedElement> band_upper, band_lower;  // one-pass TIES: flag the band between these
 };
 
 // Per element (mergekit GeneralizedTaskArithmeticMerge.merge_group, computed in fp32):
@@ -341,10 +350,10 @@ void gta_block(const void* base, const std::vector<const void*>& xs, void* out, 
       uint32_t up = 0, low = 0;
       int32_t up_cut = 0, low_cut = 0;
       if constexpr (BANDS) {
-        up = p.band_upper_keys[k];
-        low = p.band_lower_keys[k];
-        up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper_idx[k] - g0, 0, len));
-        low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower_idx[k] - g0 + 1, 0, len));
+        up = p.band_upper[k].key;
+        low = p.band_lower[k].key;
+        up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper[k].idx - g0, 0, len));
+        low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower[k].idx - g0 + 1, 0, len));
       }
       int32_t kept = 0, nonfinite = 0;
       for (int32_t j = 0; j < n32; ++j) {
@@ -386,9 +395,10 @@ void gta_block(const void* base, const std::vector<const void*>& xs, void* out, 
   store_block<OUT>(out, s, len, t.mixed);
 }
 
-// ++h[lows[j]] for j < m (16-bit key halves: the low halves inside one prefix, or the sample's top halves). Task vectors of bf16 fine-tunes are a few
-// ulps, so their keys take few values (on a Llama-shaped benchmark tensor, 22% of all elements share the
-// threshold's key); counted one by one they form a store-to-load chain through one bin. Lanes equal to
+// ++h[lows[j]] for j < m: 16-bit key halves (the low halves inside one prefix, or the sample's top halves).
+// Task vectors of bf16 fine-tunes are a few ulps, so their keys take few values (on a Llama-shaped benchmark
+// tensor, 22% of all elements share the threshold's key); counted one by one they form a store-to-load chain
+// through one bin. Lanes equal to
 // the first value are counted in a register instead. (Not for level-0 prefixes: they spread over a few
 // dozen bins, where the per-lane fallback is slower than two interleaved tables.)
 inline void count_lows(const uint32_t* lows, int64_t m, uint32_t* h) {
@@ -419,15 +429,6 @@ inline void count_lows(const uint32_t* lows, int64_t m, uint32_t* h) {
 // count above U. If the k-th element lies in the band it is found there, and only the elements whose fate the
 // guess got wrong, those between M and it, are merged again; otherwise the guess is reported as failed and the
 // caller selects exactly first (alignmerge/ops/merge.py).
-struct RankedElement {
-  int64_t idx;
-  uint32_t key;
-};
-
-inline bool ranks_above(const RankedElement& a, const RankedElement& b) {
-  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
-}
-
 constexpr int64_t kOnePassStride = 16;                // sample one block in every 16 ...
 constexpr int64_t kOnePassMaxSampleBlocks = 1 << 14;  // ... or fewer, at most 4M elements per expert
 constexpr double kOnePassSigmas = 4.0;                // band half-width: 4 standard errors of the sample's rank ...
@@ -443,7 +444,6 @@ struct BandPart {
 
 struct TiesBands {
   std::vector<char> active;                 // per expert: selected here (not keep-all / keep-none)
-  std::vector<RankedElement> upper, lower;  // per expert
   int64_t cap = 0;                          // band elements one thread may record per expert
   std::vector<BandPart> parts;              // one per thread, after the pass
 
@@ -615,12 +615,9 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
   const TiesSample smp = ties_sample<IN>(base, xs, n, bands.active);
   const int64_t m = smp.size();
   if (m < 16 * kBlock) return res;  // too few sampled blocks to guess from
-  bands.upper.assign(K, {0, 0});
-  bands.lower.assign(K, {0, 0});
-  p.band_upper_keys.assign(K, 0);
-  p.band_lower_keys.assign(K, 0);
-  p.band_upper_idx.assign(K, 0);
-  p.band_lower_idx.assign(K, 0);
+  p.band_upper.assign(K, {0, 0});
+  p.band_lower.assign(K, {0, 0});
+  std::vector<RankedElement> mid(K, {0, 0});  // the guessed k-th element of each expert
   int64_t widest = 0;
   for (size_t k = 0; k < K; ++k) {
     if (!bands.active[k]) continue;
@@ -632,21 +629,15 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
     ranks.push_back(r);
     if (r + delta <= m) ranks.push_back(r + delta);
     const auto found = smp.at_ranks(k, ranks);
-    const RankedElement mid = found[r - delta >= 1 ? 1 : 0];
-    bands.upper[k] = r - delta >= 1 ? found.front() : RankedElement{0, 0xFFFFFFFFu};  // above every key
-    bands.lower[k] = r + delta <= m ? found.back() : RankedElement{n, 0u};            // below every element
-    p.threshold_keys[k] = mid.key;  // the guess: keep what ranks at or above mid
-    p.tie_cutoffs[k] = mid.idx + 1;
-    p.band_upper_keys[k] = bands.upper[k].key;
-    p.band_upper_idx[k] = bands.upper[k].idx;
-    p.band_lower_keys[k] = bands.lower[k].key;
-    p.band_lower_idx[k] = bands.lower[k].idx;
+    mid[k] = found[r - delta >= 1 ? 1 : 0];
+    p.band_upper[k] = r - delta >= 1 ? found.front() : RankedElement{0, 0xFFFFFFFFu};  // above every key
+    p.band_lower[k] = r + delta <= m ? found.back() : RankedElement{n, 0u};            // below every element
+    p.threshold_keys[k] = mid[k].key;  // the guess: keep what ranks at or above mid
+    p.tie_cutoffs[k] = mid[k].idx + 1;
     widest = std::max(widest, std::min(r + delta, m) - std::max<int64_t>(r - delta, 1) + 1);
   }
   // expected band: widest * n / m elements per expert; more means the sample misled
   bands.cap = 2 * (widest * (n / m + 1)) + 4096;
-  const std::vector<uint32_t> guess_keys = p.threshold_keys;
-  const std::vector<int64_t> guess_cutoffs = p.tie_cutoffs;
   gta_impl<IN, OUT>(base, xs, out, n, p, res.nonfinite, &bands);
   for (const auto& part : bands.parts)
     if (part.full) return res;
@@ -661,14 +652,13 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
       band.insert(band.end(), part.band[k].begin(), part.band[k].end());
     }
     res.band += static_cast<int64_t>(band.size());
-    const RankedElement mid{guess_cutoffs[k] - 1, guess_keys[k]};
     int64_t above = kept;  // kept by the guess, less the band elements it kept
-    for (const auto& e : band) above -= !ranks_above(mid, e);
+    for (const auto& e : band) above -= !ranks_above(mid[k], e);
     const int64_t need = keep[k] - above;  // how many of the band are kept
     if (need < 0 || need > static_cast<int64_t>(band.size())) return res;
     if (need == 0) {  // exactly what ranks above upper
-      p.threshold_keys[k] = bands.upper[k].key;
-      p.tie_cutoffs[k] = bands.upper[k].idx;
+      p.threshold_keys[k] = p.band_upper[k].key;
+      p.tie_cutoffs[k] = p.band_upper[k].idx;
     } else {
       std::nth_element(band.begin(), band.begin() + (need - 1), band.end(), ranks_above);
       p.threshold_keys[k] = band[need - 1].key;
@@ -676,7 +666,7 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
     }
     for (int64_t i = 0; i < static_cast<int64_t>(band.size()); ++i) {
       const bool keeps = i < need;  // after nth_element, the band's top `need` come first
-      const bool guessed = !ranks_above(mid, band[i]);
+      const bool guessed = !ranks_above(mid[k], band[i]);
       if (keeps != guessed) remerge.push_back(band[i].idx);
     }
   }
