@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <tuple>
 #include <type_traits>
@@ -87,10 +88,75 @@ inline void load_block(const void* p, int64_t start, int64_t len, float* __restr
   for (int64_t j = 0; j < len; ++j) dst[j] = Io<DT>::load(p, start + j);
 }
 
+// Outputs of at least this many bytes are written with non-temporal stores: they are far larger than the
+// caches, and a plain store would first read each line it writes (10-15% of a merge's memory traffic).
+constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
+
 template <int DT>
-inline void store_block(void* p, int64_t start, int64_t len, const float* __restrict src) {
+constexpr int64_t storage_bytes() {
+  return DT == kFloat32 ? 4 : 2;
+}
+
+// Whether a merge writing n elements of dtype DT to out streams its whole blocks past the caches.
+template <int DT>
+bool stream_output(const void* out, int64_t n) {
+#if defined(__AVX512F__)
+  return n * storage_bytes<DT>() >= kStreamMinBytes && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+#else
+  (void)out, (void)n;
+  return false;
+#endif
+}
+
+// Makes one thread's non-temporal stores visible before the parallel region's closing barrier.
+inline void stream_fence(bool stream) {
+#if defined(__AVX512F__)
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+// stream: whole blocks go out with non-temporal stores (the block start is 64-byte aligned when out is).
+template <int DT>
+inline void store_block(void* p, int64_t start, int64_t len, const float* __restrict src, bool stream = false) {
+#if defined(__AVX512F__)
+  if (stream && len == kBlock) {
+    constexpr int64_t bytes = kBlock * storage_bytes<DT>();
+    alignas(64) char staged[bytes];
+    for (int64_t j = 0; j < kBlock; ++j) Io<DT>::store(staged, j, src[j]);
+    char* dst = static_cast<char*>(p) + start * storage_bytes<DT>();
+    for (int64_t o = 0; o < bytes; o += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + o), _mm512_load_si512(staged + o));
+    return;
+  }
+#else
+  (void)stream;
+#endif
   for (int64_t j = 0; j < len; ++j) Io<DT>::store(p, start + j, src[j]);
 }
+
+#if defined(__AVX512F__)
+// The zero-masked forms of the intrinsics below, with every lane selected, compile to the plain instructions;
+// GCC 12 warns that the plain forms' internal "undefined" operand is used uninitialised (GCC bug 105593).
+constexpr __mmask16 kAllLanes = 0xFFFF;
+
+// 16 elements from index i, widened to fp32 (exact, as Io<DT>::load).
+template <int DT>
+inline __m512 load16(const void* p, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == kBFloat16) {
+      const __m512i widened = _mm512_maskz_cvtepu16_epi32(kAllLanes, h);
+      return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAllLanes, widened, 16));
+    } else {
+      return _mm512_maskz_cvtph_ps(kAllLanes, h);
+    }
+  }
+}
+#endif
 
 template <class F>
 void dispatch_in(int dt, F&& f) {
@@ -176,10 +242,11 @@ void weighted_sum_impl(const std::vector<const void*>& xs, const std::vector<flo
                        bool normalize, float divisor) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const size_t K = xs.size();
+  const bool stream = stream_output<OUT>(out, n);
 #pragma omp parallel if (n >= kParallelMin)
   {
     alignas(64) float acc[kBlock];
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t s = blk * kBlock;
       const int64_t len = std::min(kBlock, n - s);
@@ -191,8 +258,9 @@ void weighted_sum_impl(const std::vector<const void*>& xs, const std::vector<flo
       }
       if (normalize)
         for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] / divisor;
-      store_block<OUT>(out, s, len, acc);
+      store_block<OUT>(out, s, len, acc, stream);
     }
+    stream_fence(stream);
   }
 }
 
@@ -220,6 +288,16 @@ inline bool ranks_above(const RankedElement& a, const RankedElement& b) {
   return a.key > b.key || (a.key == b.key && a.idx < b.idx);
 }
 
+// The same order packed into one integer, larger ranking higher: (key << 32) | (2^32 - 1 - idx), for
+// 0 <= idx <= 2^32 - 1 (one-pass TIES runs on tensors of fewer than 2^32 elements).
+inline uint64_t pack_ranked(uint32_t key, int64_t idx) {
+  return (static_cast<uint64_t>(key) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(idx));
+}
+
+inline RankedElement unpack_ranked(uint64_t v) {
+  return {static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(v & 0xFFFFFFFFu)), static_cast<uint32_t>(v >> 32)};
+}
+
 struct GtaParams {
   int sparsify = kNone;
   bool consensus = false;
@@ -234,7 +312,8 @@ struct GtaParams {
   std::vector<uint64_t> rng_keys;        // random: keep iff uniform32 < keep_below
   std::vector<uint64_t> keep_below;
   std::vector<float> rescale;            // random: survivors multiplied by this (1 -> skipped)
-  std::vector<RankedElement> band_upper, band_lower;  // one-pass TIES: flag the band between these
+  std::vector<RankedElement> band_upper, band_lower;  // one-pass TIES: record the band between these
+  bool stream = false;  // whole output blocks are written with non-temporal stores (stream_output)
 };
 
 // Per element (mergekit GeneralizedTaskArithmeticMerge.merge_group, computed in fp32):
@@ -312,88 +391,37 @@ void gta_combine(const float* wd_all, const float* b, int64_t len, const GtaPara
   }
 }
 
+// A rule "ranks at or above (key, index cutoff)" of the order key desc, index asc, restricted to one block:
+// rank >= (key, cut) iff key > key_cut or (key == key_cut and local index < cut). Where cut is 0 or the whole
+// block, as in all but one block per rule, it is a single unsigned compare: key >= at_least (2^32: none).
+struct BlockRule {
+  uint32_t key;
+  int32_t cut;          // local cutoff in [0, kBlock]
+  uint64_t at_least;    // when simple
+  bool simple;
+
+  BlockRule(uint32_t key_, int64_t cutoff, int64_t g0) : key(key_) {
+    cut = static_cast<int32_t>(std::clamp<int64_t>(cutoff - g0, 0, kBlock));
+    simple = cut == 0 || cut == kBlock;
+    at_least = static_cast<uint64_t>(key) + (cut == 0 ? 1 : 0);
+  }
+};
+
 // Per-thread buffers of one block step.
 struct GtaScratch {
   explicit GtaScratch(size_t experts)
-      : wd(experts * kBlock), keys(experts * kBlock), flags(experts * kBlock), kept(experts), nonfinite(experts) {}
+      : wd(experts * kBlock), nonfinite(experts), band_keys(experts * kBlock), band_local(experts * kBlock),
+        expert_keep(experts * kBlock) {}
   std::vector<float> wd;
-  std::vector<uint32_t> keys;  // one-pass TIES: the block's magnitude keys, expert-major,
-  std::vector<uint32_t> flags;  // 1 where the element is in the expert's band,
-  std::vector<int32_t> kept;   // and the count of elements kept by the guessed rule
   std::vector<int64_t> nonfinite;  // kMagnitude: NaN/Inf task-vector elements per expert, summed over blocks
+  std::vector<uint32_t> band_keys, band_local;  // gta_block16: one block's band elements per expert
+  std::vector<BlockRule> rules;                 // consensus_block: the block's rules
   alignas(64) float b[kBlock];
   alignas(64) float mixed[kBlock];
   alignas(64) float keep[kBlock];
   alignas(64) float scratch[2 * kBlock];
+  std::vector<float> expert_keep;  // gta_block16 with kRandom: each expert's DARE keep mask for the block
 };
-
-// Elements [s, s + len) of the merge (len <= kBlock). BANDS (one-pass TIES) also fills t.keys, t.flags, t.kept.
-template <int IN, int OUT, bool BANDS = false>
-void gta_block(const void* base, const std::vector<const void*>& xs, void* out, int64_t s, int64_t len,
-               const GtaParams& p, GtaScratch& t) {
-  const size_t K = xs.size();
-  const int64_t g0 = p.element_offset + s;  // global index of element s
-  float* b = t.b;
-  load_block<IN>(base, s, len, b);
-  for (size_t k = 0; k < K; ++k) {
-    float* __restrict wd = t.wd.data() + k * kBlock;
-    const void* x = xs[k];
-    const float wk = p.weights[k];
-    if (p.sparsify == kMagnitude) {
-      const uint32_t th = p.threshold_keys[k];
-      // ties at the threshold are kept for local indices below cut (clamped to the block)
-      const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(p.tie_cutoffs[k] - g0, 0, len));
-      const int32_t n32 = static_cast<int32_t>(len);
-      uint32_t* __restrict keys = t.keys.data() + k * kBlock;
-      uint32_t* __restrict flags = t.flags.data() + k * kBlock;
-      // BANDS: in the band iff not above upper and not below lower (in the order key desc, index asc)
-      uint32_t up = 0, low = 0;
-      int32_t up_cut = 0, low_cut = 0;
-      if constexpr (BANDS) {
-        up = p.band_upper[k].key;
-        low = p.band_lower[k].key;
-        up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper[k].idx - g0, 0, len));
-        low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower[k].idx - g0 + 1, 0, len));
-      }
-      int32_t kept = 0, nonfinite = 0;
-      for (int32_t j = 0; j < n32; ++j) {
-        const float d = Io<IN>::load(x, s + j) - b[j];
-        const uint32_t key = magnitude_key(d);
-        const bool keep = (key > th) | ((key == th) & (j < cut));
-        wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
-        nonfinite += key >= 0x7f800000u;  // TIES may drop an element: count what its output will not show
-        if constexpr (BANDS) {
-          const bool above_upper = (key > up) | ((key == up) & (j < up_cut));
-          const bool below_lower = (key < low) | ((key == low) & (j >= low_cut));
-          keys[j] = key;
-          flags[j] = !(above_upper | below_lower);
-          kept += keep;
-        }
-      }
-      if constexpr (BANDS) t.kept[k] = kept;
-      t.nonfinite[k] += nonfinite;
-    } else if (p.sparsify == kRandom) {
-      dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, t.keep);
-      const float r = p.rescale[k];
-      const float* keep = t.keep;
-      if (r != 1.0f) {
-        for (int64_t j = 0; j < len; ++j) wd[j] = (((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * r) * wk;
-      } else {
-        for (int64_t j = 0; j < len; ++j) wd[j] = ((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * wk;
-      }
-    } else {
-      for (int64_t j = 0; j < len; ++j) wd[j] = (Io<IN>::load(x, s + j) - b[j]) * wk;
-    }
-  }
-  switch (K) {
-    case 1: gta_combine<1>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
-    case 2: gta_combine<2>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
-    case 3: gta_combine<3>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
-    case 4: gta_combine<4>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
-    default: gta_combine<0>(t.wd.data(), b, len, p, t.mixed, t.scratch);
-  }
-  store_block<OUT>(out, s, len, t.mixed);
-}
 
 // ++h[lows[j]] for j < m: 16-bit key halves (the low halves inside one prefix, or the sample's top halves).
 // Task vectors of bf16 fine-tunes are a few ulps, so their keys take few values (on a Llama-shaped benchmark
@@ -433,73 +461,331 @@ constexpr int64_t kOnePassStride = 16;                // sample one block in eve
 constexpr int64_t kOnePassMaxSampleBlocks = 1 << 14;  // ... or fewer, at most 4M elements per expert
 constexpr double kOnePassSigmas = 4.0;                // band half-width: 4 standard errors of the sample's rank ...
 constexpr int64_t kOnePassSlack = 64;                 // ... plus 64 sample elements
+constexpr int64_t kSamplePrefetch = 4;                 // sampled blocks fetched ahead of their use
 
-// One thread's share of the band records (made inside the parallel region: no false sharing).
-struct BandPart {
-  explicit BandPart(size_t experts) : band(experts), kept(experts, 0) {}
-  std::vector<std::vector<RankedElement>> band;  // per expert
-  std::vector<int64_t> kept;                     // per expert: elements kept by the guessed rule
-  bool full = false;                             // a band outgrew the cap: the guess failed, stop recording
-};
-
-struct TiesBands {
-  std::vector<char> active;                 // per expert: selected here (not keep-all / keep-none)
-  int64_t cap = 0;                          // band elements one thread may record per expert
-  std::vector<BandPart> parts;              // one per thread, after the pass
-
-  // Record the block's band elements (global indices g0 + j), which t.flags marks.
-  void scan(BandPart& part, const GtaScratch& t, int64_t g0, int64_t len) const {
-    for (size_t k = 0; k < active.size(); ++k) {
-      if (!active[k]) continue;
-      part.kept[k] += t.kept[k];
-      if (part.full) continue;
-      const uint32_t* key = t.keys.data() + k * kBlock;
-      const uint32_t* flag = t.flags.data() + k * kBlock;
-      auto& out = part.band[k];
-      int64_t j = 0;
-#if defined(__AVX512F__)
-      for (; j + 16 <= len; j += 16) {  // 16 flags at a time, most of them zero
-        const __m512i v = _mm512_loadu_si512(flag + j);
-        for (uint32_t bits = _mm512_test_epi32_mask(v, v); bits != 0; bits &= bits - 1) {
-          const int64_t i = j + __builtin_ctz(bits);
-          out.push_back({g0 + i, key[i]});
-        }
-      }
-#endif
-      for (; j < len; ++j)
-        if (flag[j]) out.push_back({g0 + j, key[j]});
-      part.full = part.full || static_cast<int64_t>(out.size()) > cap;
+// A buffer that the thread owning it keeps between calls: one-pass TIES writes tens of MB of sample keys and
+// band records per large tensor, and faulting fresh pages in for every tensor cost more than the writing.
+// It grows and never shrinks (uninitialised: every use writes before it reads).
+template <class T>
+struct ReusedBuffer {
+  std::unique_ptr<T[]> data;
+  size_t size = 0;
+  T* get(size_t n) {
+    if (n > size) {
+      data.reset();
+      data.reset(new T[n]);
+      size = n;
     }
+    return data.get();
   }
 };
 
+// The band records of one merge pass: expert k, thread t owns the cap slots at slots + (k * threads + t) * cap.
+struct TiesBands {
+  uint64_t* slots = nullptr;  // pack_ranked(key, global index) of the band elements
+  int64_t cap = 0;
+  int threads = 0;
+  std::vector<int64_t> count, kept;  // [k * threads + t]: band elements seen, elements kept by the guessed rule
+  bool full = false;                 // a band outgrew its slots: the guess failed
+
+  TiesBands(uint64_t* slots_, int64_t cap_, int threads_, size_t experts)
+      : slots(slots_), cap(cap_), threads(threads_), count(experts * threads_, 0), kept(experts * threads_, 0) {}
+};
+
+// One thread's share of the band records while the pass runs.
+struct BandPart {
+  BandPart(const TiesBands* bands, size_t experts, int thread)
+      : slots(experts), count(experts, 0), kept(experts, 0), cap(bands != nullptr ? bands->cap : 0) {
+    for (size_t k = 0; bands != nullptr && k < experts; ++k)
+      slots[k] = bands->slots + (k * bands->threads + thread) * cap;
+  }
+  std::vector<uint64_t*> slots;
+  std::vector<int64_t> count, kept;
+  int64_t cap;
+  bool full = false;  // stop merging: the caller merges again
+
+  void record(size_t k, uint64_t ranked) {
+    if (count[k] < cap) slots[k][count[k]] = ranked;
+    full = full || ++count[k] > cap;
+  }
+};
+
+#if defined(__AVX512F__)
+// The sign-elected merge (TIES, DARE-TIES: sparsify, sign election, disjoint mean) on one whole block with
+// all KK experts in registers, 16 elements a step: gta_block's sparsify loops and gta_combine<KK> in the same
+// fp32 operation order. kMagnitude also counts NaN/Inf task-vector elements and, with BANDS, one-pass TIES's
+// kept counts and band records; SIMPLE: every rule of the block is simple (BlockRule), so keep and band are
+// one or two compares. kRandom takes DARE's keep masks from dare_keep_block. Writes t.mixed.
+template <int IN, int KK, int SPARSIFY, bool BANDS = false, bool SIMPLE = true>
+void gta_block16(const void* base, const std::vector<const void*>& xs, int64_t s, const GtaParams& p,
+                 const BlockRule* keep_rule, const BlockRule* upper, const BlockRule* lower, GtaScratch& t,
+                 BandPart* band) {
+  const int64_t g0 = p.element_offset + s;
+  float* expert_keep = t.expert_keep.data();
+  __m512 rescale[KK];
+  bool rescaled[KK];
+  if constexpr (SPARSIFY == kRandom) {
+    for (int k = 0; k < KK; ++k) {
+      dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, kBlock, expert_keep + k * kBlock);
+      rescale[k] = _mm512_set1_ps(p.rescale[k]);
+      rescaled[k] = p.rescale[k] != 1.0f;
+    }
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), lambda = _mm512_set1_ps(p.lambda);
+  auto splat = [](uint64_t v) { return _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(v))); };
+  const void* x[KK];
+  __m512 w[KK];
+  // general: keys and local cutoffs of the rules; SIMPLE: keep iff key >= th (none_kept: never),
+  // band iff key - band_low <= band_span (unsigned; band_none: empty)
+  __m512i th[KK], cut[KK], up[KK], up_cut[KK], low[KK], low_cut[KK], band_low[KK], band_span[KK];
+  bool none_kept[KK], band_none[KK];
+  int64_t kept[KK] = {}, nonfinite[KK] = {}, found[KK] = {};
+  for (int k = 0; k < KK; ++k) {
+    x[k] = xs[k];
+    w[k] = _mm512_set1_ps(p.weights[k]);
+    if constexpr (SPARSIFY == kRandom) continue;
+    if constexpr (SIMPLE) {
+      none_kept[k] = keep_rule[k].at_least > 0xFFFFFFFFu;
+      th[k] = splat(keep_rule[k].at_least);
+      if constexpr (BANDS) {  // not above upper: key < upper.at_least; not below lower: key >= lower.at_least
+        band_none[k] = upper[k].at_least <= lower[k].at_least;
+        band_low[k] = splat(lower[k].at_least);
+        band_span[k] = splat(upper[k].at_least - 1 - lower[k].at_least);
+      }
+    } else {
+      th[k] = splat(keep_rule[k].key);
+      cut[k] = _mm512_set1_epi32(keep_rule[k].cut);
+      if constexpr (BANDS) {
+        up[k] = splat(upper[k].key);
+        up_cut[k] = _mm512_set1_epi32(upper[k].cut);
+        low[k] = splat(lower[k].key);
+        low_cut[k] = _mm512_set1_epi32(lower[k].cut);
+      }
+    }
+  }
+  for (int64_t j = 0; j < kBlock; j += 16) {
+    const __m512 b = load16<IN>(base, s + j);
+    const __m512i local = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)));
+    __m512 wd[KK];
+    for (int k = 0; k < KK; ++k) {
+      const __m512 d = _mm512_sub_ps(load16<IN>(x[k], s + j), b);
+      if constexpr (SPARSIFY == kRandom) {
+        const __m512 kept_d = _mm512_mul_ps(d, _mm512_load_ps(expert_keep + k * kBlock + j));
+        wd[k] = _mm512_mul_ps(rescaled[k] ? _mm512_mul_ps(kept_d, rescale[k]) : kept_d, w[k]);
+        continue;
+      }
+      const __m512i key = _mm512_and_si512(_mm512_castps_si512(d), abs_bits);
+      __mmask16 keep, in_band = 0;
+      if constexpr (SIMPLE) {
+        keep = none_kept[k] ? 0 : _mm512_cmpge_epu32_mask(key, th[k]);
+        if constexpr (BANDS)
+          in_band = band_none[k] ? 0 : _mm512_cmple_epu32_mask(_mm512_sub_epi32(key, band_low[k]), band_span[k]);
+      } else {
+        keep = _mm512_cmpgt_epu32_mask(key, th[k]) |
+               (_mm512_cmpeq_epi32_mask(key, th[k]) & _mm512_cmplt_epi32_mask(local, cut[k]));
+        if constexpr (BANDS) {
+          const __mmask16 above_upper =
+              _mm512_cmpgt_epu32_mask(key, up[k]) |
+              (_mm512_cmpeq_epi32_mask(key, up[k]) & _mm512_cmplt_epi32_mask(local, up_cut[k]));
+          const __mmask16 at_or_above_lower =
+              _mm512_cmpgt_epu32_mask(key, low[k]) |
+              (_mm512_cmpeq_epi32_mask(key, low[k]) & _mm512_cmplt_epi32_mask(local, low_cut[k]));
+          in_band = static_cast<__mmask16>(~above_upper & at_or_above_lower);
+        }
+      }
+      wd[k] = _mm512_mul_ps(_mm512_mul_ps(d, _mm512_maskz_mov_ps(keep, one)), w[k]);
+      nonfinite[k] += __builtin_popcount(_mm512_cmpge_epu32_mask(key, inf));
+      if constexpr (BANDS) {
+        kept[k] += __builtin_popcount(keep);
+        if (in_band != 0) {  // rare (the band is a few thousandths of the tensor); no calls in this loop
+          _mm512_mask_compressstoreu_epi32(t.band_keys.data() + k * kBlock + found[k], in_band, key);
+          _mm512_mask_compressstoreu_epi32(t.band_local.data() + k * kBlock + found[k], in_band, local);
+          found[k] += __builtin_popcount(in_band);
+        }
+      }
+    }
+    __m512 vote = wd[0];
+    for (int k = 1; k < KK; ++k) vote = _mm512_add_ps(vote, wd[k]);
+    const __mmask16 positive = _mm512_cmp_ps_mask(vote, zero, _CMP_GE_OQ);
+    __m512 mix = zero, div = zero;
+    for (int k = 0; k < KK; ++k) {  // agree_mask: sign(wd) equals the elected sign
+      const __mmask16 agrees = (positive & _mm512_cmp_ps_mask(wd[k], zero, _CMP_GT_OQ)) |
+                               (~positive & _mm512_cmp_ps_mask(wd[k], zero, _CMP_LT_OQ));
+      const __m512 m = _mm512_maskz_mov_ps(agrees, one);
+      mix = k == 0 ? _mm512_mul_ps(wd[k], m) : _mm512_add_ps(mix, _mm512_mul_ps(wd[k], m));
+      div = k == 0 ? _mm512_mul_ps(w[k], m) : _mm512_add_ps(div, _mm512_mul_ps(w[k], m));
+    }
+    div = _mm512_mask_mov_ps(div, _mm512_cmp_ps_mask(div, zero, _CMP_EQ_OQ), one);
+    if (p.normalize) mix = _mm512_div_ps(mix, div);
+    if (p.apply_lambda) mix = _mm512_mul_ps(mix, lambda);
+    _mm512_store_ps(t.mixed + j, _mm512_add_ps(b, mix));
+  }
+  for (int k = 0; k < KK; ++k) {
+    t.nonfinite[k] += nonfinite[k];
+    if constexpr (BANDS) {
+      band->kept[k] += kept[k];
+      for (int64_t i = 0; i < found[k]; ++i)
+        band->record(k, pack_ranked(t.band_keys[k * kBlock + i], g0 + t.band_local[k * kBlock + i]));
+    }
+  }
+}
+
+// gta_block's path for whole blocks of up to four experts with sign election: picks the gta_block16 variant.
+template <int IN>
+void consensus_block(const void* base, const std::vector<const void*>& xs, int64_t s, const GtaParams& p,
+                     GtaScratch& t, BandPart* band) {
+  const size_t K = xs.size();
+  if (p.sparsify == kRandom) {
+    switch (K) {
+      case 1: gta_block16<IN, 1, kRandom>(base, xs, s, p, nullptr, nullptr, nullptr, t, band); break;
+      case 2: gta_block16<IN, 2, kRandom>(base, xs, s, p, nullptr, nullptr, nullptr, t, band); break;
+      case 3: gta_block16<IN, 3, kRandom>(base, xs, s, p, nullptr, nullptr, nullptr, t, band); break;
+      default: gta_block16<IN, 4, kRandom>(base, xs, s, p, nullptr, nullptr, nullptr, t, band);
+    }
+    return;
+  }
+  const int64_t g0 = p.element_offset + s;
+  std::vector<BlockRule>& rules = t.rules;  // keep, upper, lower: K each
+  rules.clear();
+  bool simple = true;
+  for (size_t k = 0; k < K; ++k) rules.emplace_back(p.threshold_keys[k], p.tie_cutoffs[k], g0);
+  if (band != nullptr) {
+    for (size_t k = 0; k < K; ++k) rules.emplace_back(p.band_upper[k].key, p.band_upper[k].idx, g0);
+    for (size_t k = 0; k < K; ++k) rules.emplace_back(p.band_lower[k].key, p.band_lower[k].idx + 1, g0);
+  }
+  for (const auto& r : rules) simple = simple && r.simple;
+  const BlockRule* keep = rules.data();
+  const BlockRule* upper = band != nullptr ? keep + K : nullptr;
+  const BlockRule* lower = band != nullptr ? keep + 2 * K : nullptr;
+  auto run = [&](auto kk) {
+    constexpr int KK = decltype(kk)::value;
+    if (band != nullptr) {
+      if (simple)
+        gta_block16<IN, KK, kMagnitude, true, true>(base, xs, s, p, keep, upper, lower, t, band);
+      else
+        gta_block16<IN, KK, kMagnitude, true, false>(base, xs, s, p, keep, upper, lower, t, band);
+    } else {
+      if (simple)
+        gta_block16<IN, KK, kMagnitude, false, true>(base, xs, s, p, keep, upper, lower, t, band);
+      else
+        gta_block16<IN, KK, kMagnitude, false, false>(base, xs, s, p, keep, upper, lower, t, band);
+    }
+  };
+  switch (K) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    default: run(std::integral_constant<int, 4>{});
+  }
+}
+#endif
+
+// Elements [s, s + len) of the merge (len <= kBlock). With band (one-pass TIES, kMagnitude) the pass also
+// counts what the guessed rule keeps and records the band elements (see ties_one_pass_impl).
+template <int IN, int OUT>
+void gta_block(const void* base, const std::vector<const void*>& xs, void* out, int64_t s, int64_t len,
+               const GtaParams& p, GtaScratch& t, BandPart* band = nullptr) {
+  const size_t K = xs.size();
+#if defined(__AVX512F__)
+  if (p.sparsify != kNone && p.consensus && len == kBlock && K <= 4) {
+    consensus_block<IN>(base, xs, s, p, t, band);
+    store_block<OUT>(out, s, len, t.mixed, p.stream);
+    return;
+  }
+#endif
+  const int64_t g0 = p.element_offset + s;  // global index of element s
+  float* b = t.b;
+  load_block<IN>(base, s, len, b);
+  for (size_t k = 0; k < K; ++k) {
+    float* __restrict wd = t.wd.data() + k * kBlock;
+    const void* x = xs[k];
+    const float wk = p.weights[k];
+    if (p.sparsify == kMagnitude) {
+      // keep iff key > th, or key == th at a local index below cut (clamped to the block); band iff not above
+      // upper and not below lower (in the order key desc, index asc)
+      const uint32_t th = p.threshold_keys[k];
+      const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(p.tie_cutoffs[k] - g0, 0, len));
+      const int32_t n32 = static_cast<int32_t>(len);
+      const bool bands = band != nullptr;
+      uint32_t up = 0, low = 0;
+      int32_t up_cut = 0, low_cut = 0;
+      if (bands) {
+        up = p.band_upper[k].key;
+        low = p.band_lower[k].key;
+        up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper[k].idx - g0, 0, len));
+        low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower[k].idx - g0 + 1, 0, len));
+      }
+      int64_t kept = 0, nonfinite = 0;  // nonfinite: TIES may drop an element, so count what its output won't show
+      for (int32_t j = 0; j < n32; ++j) {
+        const float d = Io<IN>::load(x, s + j) - b[j];
+        const uint32_t key = magnitude_key(d);
+        const bool keep = (key > th) | ((key == th) & (j < cut));
+        wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
+        nonfinite += key >= 0x7f800000u;
+        if (bands) {
+          kept += keep;
+          const bool above_upper = (key > up) | ((key == up) & (j < up_cut));
+          const bool below_lower = (key < low) | ((key == low) & (j >= low_cut));
+          if (!(above_upper | below_lower)) band->record(k, pack_ranked(key, g0 + j));
+        }
+      }
+      if (bands) band->kept[k] += kept;
+      t.nonfinite[k] += nonfinite;
+    } else if (p.sparsify == kRandom) {
+      dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, t.keep);
+      const float r = p.rescale[k];
+      const float* keep = t.keep;
+      if (r != 1.0f) {
+        for (int64_t j = 0; j < len; ++j) wd[j] = (((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * r) * wk;
+      } else {
+        for (int64_t j = 0; j < len; ++j) wd[j] = ((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * wk;
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) wd[j] = (Io<IN>::load(x, s + j) - b[j]) * wk;
+    }
+  }
+  switch (K) {
+    case 1: gta_combine<1>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    case 2: gta_combine<2>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    case 3: gta_combine<3>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    case 4: gta_combine<4>(t.wd.data(), b, len, p, t.mixed, t.scratch); break;
+    default: gta_combine<0>(t.wd.data(), b, len, p, t.mixed, t.scratch);
+  }
+  store_block<OUT>(out, s, len, t.mixed, p.stream);
+}
+
 // The whole merge; kMagnitude adds each expert's NaN/Inf task-vector elements to nonfinite. With bands
-// (one-pass TIES) each block's keys are also scanned into them.
+// (one-pass TIES) each thread also records its band elements and counts what the guessed rule keeps.
 template <int IN, int OUT>
 void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, int64_t n, const GtaParams& p,
               std::vector<int64_t>& nonfinite, TiesBands* bands = nullptr) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const size_t K = xs.size();
 #pragma omp parallel if (n >= kParallelMin)
   {
-    GtaScratch t(xs.size());
-    BandPart part(bands != nullptr ? xs.size() : 0);
-    if (bands != nullptr)
-      for (auto& b : part.band) b.reserve(static_cast<size_t>(bands->cap));
-#pragma omp for schedule(static)
+    GtaScratch t(K);
+    const int thread = omp_get_thread_num();
+    BandPart part(bands, K, thread);
+#pragma omp for schedule(static) nowait
     for (int64_t blk = 0; blk < nblocks; ++blk) {
+      if (part.full) continue;  // the one-pass guess failed: the caller merges again
       const int64_t s = blk * kBlock;
       const int64_t len = std::min(kBlock, n - s);
-      if (bands == nullptr) {
-        gta_block<IN, OUT>(base, xs, out, s, len, p, t);
-      } else {
-        gta_block<IN, OUT, true>(base, xs, out, s, len, p, t);
-        bands->scan(part, t, p.element_offset + s, len);
-      }
+      gta_block<IN, OUT>(base, xs, out, s, len, p, t, bands != nullptr ? &part : nullptr);
     }
+    stream_fence(p.stream);
 #pragma omp critical
     {
-      for (size_t k = 0; k < xs.size(); ++k) nonfinite[k] += t.nonfinite[k];
-      if (bands != nullptr) bands->parts.push_back(std::move(part));
+      for (size_t k = 0; k < K; ++k) nonfinite[k] += t.nonfinite[k];
+      if (bands != nullptr) {
+        bands->full = bands->full || part.full;
+        for (size_t k = 0; k < K; ++k) {
+          bands->count[k * bands->threads + thread] = part.count[k];
+          bands->kept[k * bands->threads + thread] = part.kept[k];
+        }
+      }
     }
   }
 }
@@ -509,7 +795,7 @@ void gta_impl(const void* base, const std::vector<const void*>& xs, void* out, i
 // expert k in index order, hist[k] the histogram of their top 16 bits.
 struct TiesSample {
   int64_t stride = 0, groups = 0;
-  std::vector<std::vector<uint32_t>> keys;
+  uint32_t* keys = nullptr;  // expert k's at keys + k * size()
   std::vector<std::vector<int64_t>> hist;
 
   int64_t size() const { return groups * kBlock; }
@@ -517,7 +803,8 @@ struct TiesSample {
   int64_t global_index(int64_t j) const { return block_of_group(j / kBlock) * kBlock + j % kBlock; }
 
   // The sampled elements at the given 1-based ranks (ascending) of the order key desc, index asc.
-  std::vector<RankedElement> at_ranks(size_t k, const std::vector<int64_t>& ranks) const {
+  std::vector<RankedElement> at_ranks(size_t k, const std::vector<int64_t>& ranks, ReusedBuffer<uint64_t>& scratch,
+                                      ReusedBuffer<uint32_t>& split) const {
     const auto& h = hist[k];
     auto bucket_of = [&](int64_t rank, int64_t* above) {  // the bucket holding `rank`, and the count above it
       int64_t seen = 0;
@@ -534,25 +821,42 @@ struct TiesSample {
     int64_t above = 0, unused = 0;
     const int hi = bucket_of(ranks.front(), &above);
     const int lo = bucket_of(ranks.back(), &unused);
-    // (key, inverted position) packed so that descending order is the rank order; positions are < 2^32
+    // packed (pack_ranked with sample positions, < 2^32) so that descending order is the rank order
     int64_t inside = 0;
     for (int bin = lo; bin <= hi; ++bin) inside += h[bin];
-    std::vector<uint64_t> packed(static_cast<size_t>(inside) + 1);
-    const uint32_t* kk = keys[k].data();
+    uint64_t* packed = scratch.get(static_cast<size_t>(inside) + 1);
+    const uint32_t* kk = keys + k * size();
     const uint32_t width = static_cast<uint32_t>(hi - lo);
-    int64_t filled = 0;
-    for (int64_t j = 0; j < size(); ++j) {  // branch-free: the slot is overwritten unless the bin is inside
-      packed[filled] = (static_cast<uint64_t>(kk[j]) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+    int64_t j = 0, filled = 0;
+#if defined(__AVX512F__)
+    {  // 16 keys a step: the candidates' keys and positions, compressed, then packed
+      uint32_t* cand_keys = split.get(2 * static_cast<size_t>(inside) + 32);
+      uint32_t* cand_pos = cand_keys + inside + 16;
+      const __m512i lo_v = _mm512_set1_epi32(lo), width_v = _mm512_set1_epi32(static_cast<int>(width));
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      for (; j + 16 <= size(); j += 16) {
+        const __m512i key = _mm512_loadu_si512(kk + j);
+        const __m512i top = _mm512_maskz_srli_epi32(kAllLanes, key, 16);
+        const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(top, lo_v), width_v);
+        _mm512_mask_compressstoreu_epi32(cand_keys + filled, in, key);
+        _mm512_mask_compressstoreu_epi32(cand_pos + filled, in,
+                                         _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j))));
+        filled += __builtin_popcount(in);
+      }
+      for (int64_t i = 0; i < filled; ++i) packed[i] = pack_ranked(cand_keys[i], cand_pos[i]);
+    }
+#endif
+    for (; j < size(); ++j) {  // branch-free: the slot is overwritten unless the bin is inside
+      packed[filled] = pack_ranked(kk[j], j);
       filled += ((kk[j] >> 16) - static_cast<uint32_t>(lo)) <= width;
     }
-    packed.pop_back();
     std::vector<RankedElement> found;
-    auto first = packed.begin();
+    uint64_t* first = packed;
     for (int64_t rank : ranks) {
-      auto nth = packed.begin() + (rank - above - 1);
-      std::nth_element(first, nth, packed.end(), std::greater<uint64_t>());
-      const int64_t j = 0xFFFFFFFFu - static_cast<uint32_t>(*nth & 0xFFFFFFFFu);
-      found.push_back({global_index(j), static_cast<uint32_t>(*nth >> 32)});
+      uint64_t* nth = packed + (rank - above - 1);
+      std::nth_element(first, nth, packed + inside, std::greater<uint64_t>());
+      const RankedElement e = unpack_ranked(*nth);
+      found.push_back({global_index(e.idx), e.key});
       first = nth + 1;
     }
     return found;
@@ -560,16 +864,15 @@ struct TiesSample {
 };
 
 template <int IN>
-TiesSample ties_sample(const void* base, const std::vector<const void*>& xs, int64_t n, const std::vector<char>& active) {
+TiesSample ties_sample(const void* base, const std::vector<const void*>& xs, int64_t n, const std::vector<char>& active,
+                       ReusedBuffer<uint32_t>& keys) {
   TiesSample smp;
   const int64_t whole = n / kBlock;
   smp.stride = std::max(kOnePassStride, (whole + kOnePassMaxSampleBlocks - 1) / kOnePassMaxSampleBlocks);
   smp.groups = whole / smp.stride;
   const size_t K = xs.size();
-  smp.keys.assign(K, {});
+  smp.keys = keys.get(static_cast<size_t>(K * smp.size()));
   smp.hist.assign(K, std::vector<int64_t>(kBins, 0));
-  for (size_t k = 0; k < K; ++k)
-    if (active[k]) smp.keys[k].resize(static_cast<size_t>(smp.size()));
 #pragma omp parallel if (smp.size() >= kParallelMin)
   {
     std::vector<uint32_t> local(K * kBins, 0u);
@@ -577,10 +880,18 @@ TiesSample ties_sample(const void* base, const std::vector<const void*>& xs, int
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < smp.groups; ++q) {
       const int64_t s = smp.block_of_group(q) * kBlock;
+      if (q + kSamplePrefetch < smp.groups) {  // blocks 16+ KB apart: the hardware prefetchers do not follow
+        const int64_t ahead = smp.block_of_group(q + kSamplePrefetch) * kBlock * storage_bytes<IN>();
+        for (int64_t line = 0; line < kBlock * storage_bytes<IN>(); line += 64) {
+          __builtin_prefetch(static_cast<const char*>(base) + ahead + line, 0, 2);
+          for (size_t k = 0; k < K; ++k)
+            if (active[k]) __builtin_prefetch(static_cast<const char*>(xs[k]) + ahead + line, 0, 2);
+        }
+      }
       load_block<IN>(base, s, kBlock, b);
       for (size_t k = 0; k < K; ++k) {
         if (!active[k]) continue;
-        uint32_t* key = smp.keys[k].data() + q * kBlock;
+        uint32_t* key = smp.keys + k * smp.size() + q * kBlock;
         for (int64_t j = 0; j < kBlock; ++j) key[j] = magnitude_key(Io<IN>::load(xs[k], s + j) - b[j]);
         alignas(64) uint32_t top[kBlock];
         for (int64_t j = 0; j < kBlock; ++j) top[j] = key[j] >> 16;
@@ -609,18 +920,21 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
   const size_t K = xs.size();
   OnePassResult res;
   res.nonfinite.assign(K, 0);
-  TiesBands bands;
-  bands.active.assign(K, 0);
-  for (size_t k = 0; k < K; ++k) bands.active[k] = keep[k] > 0 && keep[k] < n;
-  const TiesSample smp = ties_sample<IN>(base, xs, n, bands.active);
+  if (n > 0xFFFFFFFFll) return res;  // pack_ranked needs indices below 2^32
+  std::vector<char> active(K, 0);  // selected here (not keep-all / keep-none)
+  for (size_t k = 0; k < K; ++k) active[k] = keep[k] > 0 && keep[k] < n;
+  static thread_local ReusedBuffer<uint32_t> sample_keys, candidate_parts;
+  static thread_local ReusedBuffer<uint64_t> candidates, band_slots;
+  const TiesSample smp = ties_sample<IN>(base, xs, n, active, sample_keys);
   const int64_t m = smp.size();
   if (m < 16 * kBlock) return res;  // too few sampled blocks to guess from
-  p.band_upper.assign(K, {0, 0});
-  p.band_lower.assign(K, {0, 0});
-  std::vector<RankedElement> mid(K, {0, 0});  // the guessed k-th element of each expert
+  // an empty band (every element below "lower") for the experts with a fixed rule
+  p.band_upper.assign(K, {0, 0xFFFFFFFFu});
+  p.band_lower.assign(K, {0, 0xFFFFFFFFu});
+  std::vector<uint64_t> mid(K, 0);  // the guessed k-th element of each expert, packed
   int64_t widest = 0;
   for (size_t k = 0; k < K; ++k) {
-    if (!bands.active[k]) continue;
+    if (!active[k]) continue;
     const int64_t r = std::clamp<int64_t>(std::llround(static_cast<double>(keep[k]) * m / n), 1, m);
     const double sigma = std::sqrt(static_cast<double>(r) * (1.0 - static_cast<double>(r) / m));
     const int64_t delta = static_cast<int64_t>(std::ceil(kOnePassSigmas * sigma)) + kOnePassSlack;
@@ -628,46 +942,51 @@ OnePassResult ties_one_pass_impl(const void* base, const std::vector<const void*
     if (r - delta >= 1) ranks.push_back(r - delta);
     ranks.push_back(r);
     if (r + delta <= m) ranks.push_back(r + delta);
-    const auto found = smp.at_ranks(k, ranks);
-    mid[k] = found[r - delta >= 1 ? 1 : 0];
+    const auto found = smp.at_ranks(k, ranks, candidates, candidate_parts);
+    const RankedElement guess = found[r - delta >= 1 ? 1 : 0];
+    mid[k] = pack_ranked(guess.key, guess.idx);
     p.band_upper[k] = r - delta >= 1 ? found.front() : RankedElement{0, 0xFFFFFFFFu};  // above every key
     p.band_lower[k] = r + delta <= m ? found.back() : RankedElement{n, 0u};            // below every element
-    p.threshold_keys[k] = mid[k].key;  // the guess: keep what ranks at or above mid
-    p.tie_cutoffs[k] = mid[k].idx + 1;
+    p.threshold_keys[k] = guess.key;  // the guess: keep what ranks at or above mid
+    p.tie_cutoffs[k] = guess.idx + 1;
     widest = std::max(widest, std::min(r + delta, m) - std::max<int64_t>(r - delta, 1) + 1);
   }
   // expected band: widest * n / m elements per expert; more means the sample misled
-  bands.cap = 2 * (widest * (n / m + 1)) + 4096;
+  const int threads = omp_get_max_threads();
+  const int64_t cap = 2 * (widest * (n / m + 1)) + 4096;
+  TiesBands bands(band_slots.get(static_cast<size_t>(K * threads * cap)), cap, threads, K);
   gta_impl<IN, OUT>(base, xs, out, n, p, res.nonfinite, &bands);
-  for (const auto& part : bands.parts)
-    if (part.full) return res;
+  if (bands.full) return res;
 
   std::vector<int64_t> remerge;
   for (size_t k = 0; k < K; ++k) {
-    if (!bands.active[k]) continue;
-    int64_t kept = 0;
-    std::vector<RankedElement> band;
-    for (const auto& part : bands.parts) {
-      kept += part.kept[k];
-      band.insert(band.end(), part.band[k].begin(), part.band[k].end());
+    if (!active[k]) continue;
+    int64_t kept = 0, size = 0;  // the threads' records, moved together
+    uint64_t* band = bands.slots + k * threads * cap;
+    for (int t = 0; t < threads; ++t) {
+      const int64_t count = bands.count[k * threads + t];
+      kept += bands.kept[k * threads + t];
+      std::memmove(band + size, band + t * cap, static_cast<size_t>(count) * sizeof(uint64_t));
+      size += count;
     }
-    res.band += static_cast<int64_t>(band.size());
+    res.band += size;
     int64_t above = kept;  // kept by the guess, less the band elements it kept
-    for (const auto& e : band) above -= !ranks_above(mid[k], e);
+    for (int64_t i = 0; i < size; ++i) above -= band[i] >= mid[k];
     const int64_t need = keep[k] - above;  // how many of the band are kept
-    if (need < 0 || need > static_cast<int64_t>(band.size())) return res;
+    if (need < 0 || need > size) return res;
     if (need == 0) {  // exactly what ranks above upper
       p.threshold_keys[k] = p.band_upper[k].key;
       p.tie_cutoffs[k] = p.band_upper[k].idx;
     } else {
-      std::nth_element(band.begin(), band.begin() + (need - 1), band.end(), ranks_above);
-      p.threshold_keys[k] = band[need - 1].key;
-      p.tie_cutoffs[k] = band[need - 1].idx + 1;
+      std::nth_element(band, band + (need - 1), band + size, std::greater<uint64_t>());
+      const RankedElement kth = unpack_ranked(band[need - 1]);
+      p.threshold_keys[k] = kth.key;
+      p.tie_cutoffs[k] = kth.idx + 1;
     }
-    for (int64_t i = 0; i < static_cast<int64_t>(band.size()); ++i) {
+    for (int64_t i = 0; i < size; ++i) {
       const bool keeps = i < need;  // after nth_element, the band's top `need` come first
-      const bool guessed = !ranks_above(mid[k], band[i]);
-      if (keeps != guessed) remerge.push_back(band[i].idx);
+      const bool guessed = band[i] >= mid[k];
+      if (keeps != guessed) remerge.push_back(unpack_ranked(band[i]).idx);
     }
   }
   std::sort(remerge.begin(), remerge.end());
@@ -728,6 +1047,7 @@ std::tuple<bool, std::vector<uint32_t>, std::vector<int64_t>, int64_t, int64_t, 
       constexpr int IN = decltype(in_c)::value, OUT = decltype(out_c)::value;
       const void* base = reinterpret_cast<const void*>(base_ptr);
       void* out = reinterpret_cast<void*>(out_ptr);
+      p.stream = stream_output<OUT>(out, n);
       if (one_pass)
         res = ties_one_pass_impl<IN, OUT>(base, xs, out, n, p, keep_counts);
       else
@@ -836,7 +1156,7 @@ int64_t magnitude_histogram_impl(const void* base, const std::vector<const void*
             int64_t win[kWindow] = {0, 0, 0, 0, 0, 0};
             for (; j + 16 <= len; j += 16) {
               const __m512i v = _mm512_loadu_si512(key + j);
-              const __m512i hi = _mm512_srli_epi32(v, 16);
+              const __m512i hi = _mm512_maskz_srli_epi32(kAllLanes, v, 16);
               const __mmask16 hit = _mm512_cmpeq_epi32_mask(hi, want);
               _mm512_mask_compressstoreu_epi32(key + m, hit, _mm512_and_si512(v, low));
               m += __builtin_popcount(hit);

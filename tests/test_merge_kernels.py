@@ -79,7 +79,7 @@ def test_more_experts_than_the_unrolled_combine_matches_reference(backend, in_dt
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
 def test_dare_matches_reference(backend, in_dtype):
     for k in range(1, 5):
         for shape in [(7,), (33, 65)]:
@@ -106,6 +106,25 @@ def test_large_odd_size_bf16(backend):
                  ref.ties_reference(base, xs, w, density=[0.3, 0.5, 0.01]))
     _assert_same(ops.dare(base, xs, w, density=0.4, seed=1, tensor_index=9, consensus=True, backend=backend),
                  ref.dare_reference(base, xs, w, density=0.4, seed=1, tensor_index=9, consensus=True))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_outputs_past_the_streaming_size_match_reference():
+    """Outputs of 32 MiB and more are written with non-temporal stores (csrc kStreamMinBytes; torch's buffers are
+    64-byte aligned): every merge kernel, one-pass TIES included, still gives the reference's bytes."""
+    n = (32 << 20) // 4 + 4097  # fp32 output just past the streaming size, odd
+    base, xs = _inputs((n,), 3, torch.bfloat16, seed=7)
+    w, f32 = WEIGHTS[:3], torch.float32
+    out = torch.empty(n, dtype=f32)
+    assert out.data_ptr() % 64 == 0
+    _assert_same(ops.weighted_sum(xs, w, out=out, backend="cpp"), ref.weighted_sum_reference(xs, w, out_dtype=f32))
+    _assert_same(ops.task_arithmetic(base, xs, w, lambda_=0.8, out=out, backend="cpp"),
+                 ref.task_arithmetic_reference(base, xs, w, lambda_=0.8, out_dtype=f32))
+    dens = [0.3, 0.5, 0.9]
+    _assert_same(ops.ties(base, xs, w, density=dens, out=out, backend="cpp"),
+                 ref.ties_reference(base, xs, w, density=dens, out_dtype=f32))
+    kw = dict(density=0.4, seed=1, tensor_index=9, consensus=True, out_dtype=f32)
+    _assert_same(ops.dare(base, xs, w, out=out, backend="cpp", **kw), ref.dare_reference(base, xs, w, **kw))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,7 +316,7 @@ def _one_pass_cpp(base, xs, w, dens, out_dtype):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
-@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
 def test_one_pass_ties_matches_reference(in_dtype, monkeypatch):
     """Whole-tensor TIES on the C++ backend selects in its merge pass (sampled band, exact k-th inside it,
     wrong guesses merged again): the same tensor as the reference, for odd sizes, experts that keep all or
@@ -321,6 +340,9 @@ def test_one_pass_ties_matches_reference(in_dtype, monkeypatch):
                                   backend="cpp"),
                          ref.ties_reference(base, xs, w, density=dens, lambda_=lam, normalize=normalize,
                                             out_dtype=out_dtype))
+        # without sign election the C++ pass takes its per-expert loops, not the fused block
+        _assert_same(ops.ties(base, xs, w, density=dens, consensus=False, backend="cpp"),
+                     ref.ties_reference(base, xs, w, density=dens, consensus=False))
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
