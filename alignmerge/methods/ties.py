@@ -36,8 +36,10 @@ class Ties(MergeMethod):
 
     def working_bytes(self, numel: int, n_models: int) -> int:
         """Whole-tensor TIES on the C++ backend (from ops.merge.ONE_PASS_MIN_NUMEL elements) keeps, per expert,
-        its sample's keys (4 bytes for one element in 16) and the band it records (16 bytes an element; the
-        band's cap, twice its expected size, is under 4% of the elements): under 1 byte per element and expert."""
+        its sample's keys (4 bytes for one element in 16, at most 16 MB) and the band it records (8 bytes an
+        element; the band's cap, twice its expected size, is under 4% of the elements, and only what is
+        recorded is touched): under 1 byte per element and expert. The merging thread keeps these buffers for
+        the next tensor (csrc ReusedBuffer), so the largest tensor's stay allocated until that thread ends."""
         return n_models * numel if numel >= ops.merge.ONE_PASS_MIN_NUMEL else 0
 
     def merge_checks_inputs(self, backend: str) -> bool:
