@@ -411,16 +411,15 @@ struct BlockRule {
 struct GtaScratch {
   explicit GtaScratch(size_t experts)
       : wd(experts * kBlock), nonfinite(experts), band_keys(experts * kBlock), band_local(experts * kBlock),
-        expert_keep(experts * kBlock) {}
+        keep(experts * kBlock) {}
   std::vector<float> wd;
   std::vector<int64_t> nonfinite;  // kMagnitude: NaN/Inf task-vector elements per expert, summed over blocks
   std::vector<uint32_t> band_keys, band_local;  // gta_block16: one block's band elements per expert
   std::vector<BlockRule> rules;                 // consensus_block: the block's rules
   alignas(64) float b[kBlock];
   alignas(64) float mixed[kBlock];
-  alignas(64) float keep[kBlock];
   alignas(64) float scratch[2 * kBlock];
-  std::vector<float> expert_keep;  // gta_block16 with kRandom: each expert's DARE keep mask for the block
+  std::vector<float> keep;  // kRandom: each expert's DARE keep mask for the block
 };
 
 // ++h[lows[j]] for j < m: 16-bit key halves (the low halves inside one prefix, or the sample's top halves).
@@ -521,7 +520,7 @@ void gta_block16(const void* base, const std::vector<const void*>& xs, int64_t s
                  const BlockRule* keep_rule, const BlockRule* upper, const BlockRule* lower, GtaScratch& t,
                  BandPart* band) {
   const int64_t g0 = p.element_offset + s;
-  float* expert_keep = t.expert_keep.data();
+  float* expert_keep = t.keep.data();
   __m512 rescale[KK];
   bool rescaled[KK];
   if constexpr (SPARSIFY == kRandom) {
@@ -572,7 +571,7 @@ void gta_block16(const void* base, const std::vector<const void*>& xs, int64_t s
     for (int k = 0; k < KK; ++k) {
       const __m512 d = _mm512_sub_ps(load16<IN>(x[k], s + j), b);
       if constexpr (SPARSIFY == kRandom) {
-        const __m512 kept_d = _mm512_mul_ps(d, _mm512_load_ps(expert_keep + k * kBlock + j));
+        const __m512 kept_d = _mm512_mul_ps(d, _mm512_loadu_ps(expert_keep + k * kBlock + j));
         wd[k] = _mm512_mul_ps(rescaled[k] ? _mm512_mul_ps(kept_d, rescale[k]) : kept_d, w[k]);
         continue;
       }
@@ -620,7 +619,7 @@ void gta_block16(const void* base, const std::vector<const void*>& xs, int64_t s
     div = _mm512_mask_mov_ps(div, _mm512_cmp_ps_mask(div, zero, _CMP_EQ_OQ), one);
     if (p.normalize) mix = _mm512_div_ps(mix, div);
     if (p.apply_lambda) mix = _mm512_mul_ps(mix, lambda);
-    _mm512_store_ps(t.mixed + j, _mm512_add_ps(b, mix));
+    _mm512_storeu_ps(t.mixed + j, _mm512_add_ps(b, mix));
   }
   for (int k = 0; k < KK; ++k) {
     t.nonfinite[k] += nonfinite[k];
@@ -734,9 +733,9 @@ void gta_block(const void* base, const std::vector<const void*>& xs, void* out, 
       if (bands) band->kept[k] += kept;
       t.nonfinite[k] += nonfinite;
     } else if (p.sparsify == kRandom) {
-      dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, t.keep);
+      float* keep = t.keep.data() + k * kBlock;
+      dare_keep_block(p.rng_keys[k], p.keep_below[k], g0, len, keep);
       const float r = p.rescale[k];
-      const float* keep = t.keep;
       if (r != 1.0f) {
         for (int64_t j = 0; j < len; ++j) wd[j] = (((Io<IN>::load(x, s + j) - b[j]) * keep[j]) * r) * wk;
       } else {
