@@ -284,10 +284,6 @@ struct RankedElement {
   uint32_t key;
 };
 
-inline bool ranks_above(const RankedElement& a, const RankedElement& b) {
-  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
-}
-
 // The same order packed into one integer, larger ranking higher: (key << 32) | (2^32 - 1 - idx), for
 // 0 <= idx <= 2^32 - 1 (one-pass TIES runs on tensors of fewer than 2^32 elements).
 inline uint64_t pack_ranked(uint32_t key, int64_t idx) {
@@ -405,7 +401,25 @@ struct BlockRule {
     simple = cut == 0 || cut == kBlock;
     at_least = static_cast<uint64_t>(key) + (cut == 0 ? 1 : 0);
   }
+
+  // whether the element at local index j with this key ranks at or above the rule
+  bool admits(uint32_t k, int32_t j) const { return (k > key) | ((k == key) & (j < cut)); }
 };
+
+// The magnitude rules of the block starting at global index g0, K each: keep (threshold key, tie cutoff) and,
+// with bands, upper and lower (an element is in the band iff it is not admitted by upper and is admitted by
+// lower). Returns whether every rule is simple.
+inline bool block_rules(const GtaParams& p, size_t K, int64_t g0, bool bands, std::vector<BlockRule>& rules) {
+  rules.clear();
+  for (size_t k = 0; k < K; ++k) rules.emplace_back(p.threshold_keys[k], p.tie_cutoffs[k], g0);
+  if (bands) {
+    for (size_t k = 0; k < K; ++k) rules.emplace_back(p.band_upper[k].key, p.band_upper[k].idx, g0);
+    for (size_t k = 0; k < K; ++k) rules.emplace_back(p.band_lower[k].key, p.band_lower[k].idx + 1, g0);
+  }
+  bool simple = true;
+  for (const auto& r : rules) simple = simple && r.simple;
+  return simple;
+}
 
 // Per-thread buffers of one block step.
 struct GtaScratch {
@@ -415,7 +429,7 @@ struct GtaScratch {
   std::vector<float> wd;
   std::vector<int64_t> nonfinite;  // kMagnitude: NaN/Inf task-vector elements per expert, summed over blocks
   std::vector<uint32_t> band_keys, band_local;  // gta_block16: one block's band elements per expert
-  std::vector<BlockRule> rules;                 // consensus_block: the block's rules
+  std::vector<BlockRule> rules;                 // block_rules: the block's magnitude rules
   alignas(64) float b[kBlock];
   alignas(64) float mixed[kBlock];
   alignas(64) float scratch[2 * kBlock];
@@ -645,17 +659,8 @@ void consensus_block(const void* base, const std::vector<const void*>& xs, int64
     }
     return;
   }
-  const int64_t g0 = p.element_offset + s;
-  std::vector<BlockRule>& rules = t.rules;  // keep, upper, lower: K each
-  rules.clear();
-  bool simple = true;
-  for (size_t k = 0; k < K; ++k) rules.emplace_back(p.threshold_keys[k], p.tie_cutoffs[k], g0);
-  if (band != nullptr) {
-    for (size_t k = 0; k < K; ++k) rules.emplace_back(p.band_upper[k].key, p.band_upper[k].idx, g0);
-    for (size_t k = 0; k < K; ++k) rules.emplace_back(p.band_lower[k].key, p.band_lower[k].idx + 1, g0);
-  }
-  for (const auto& r : rules) simple = simple && r.simple;
-  const BlockRule* keep = rules.data();
+  const bool simple = block_rules(p, K, p.element_offset + s, band != nullptr, t.rules);
+  const BlockRule* keep = t.rules.data();
   const BlockRule* upper = band != nullptr ? keep + K : nullptr;
   const BlockRule* lower = band != nullptr ? keep + 2 * K : nullptr;
   auto run = [&](auto kk) {
@@ -702,32 +707,21 @@ void gta_block(const void* base, const std::vector<const void*>& xs, void* out, 
     const void* x = xs[k];
     const float wk = p.weights[k];
     if (p.sparsify == kMagnitude) {
-      // keep iff key > th, or key == th at a local index below cut (clamped to the block); band iff not above
-      // upper and not below lower (in the order key desc, index asc)
-      const uint32_t th = p.threshold_keys[k];
-      const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(p.tie_cutoffs[k] - g0, 0, len));
-      const int32_t n32 = static_cast<int32_t>(len);
       const bool bands = band != nullptr;
-      uint32_t up = 0, low = 0;
-      int32_t up_cut = 0, low_cut = 0;
-      if (bands) {
-        up = p.band_upper[k].key;
-        low = p.band_lower[k].key;
-        up_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_upper[k].idx - g0, 0, len));
-        low_cut = static_cast<int32_t>(std::clamp<int64_t>(p.band_lower[k].idx - g0 + 1, 0, len));
-      }
+      if (k == 0) block_rules(p, K, g0, bands, t.rules);
+      const BlockRule keep_rule = t.rules[k];
+      const int32_t n32 = static_cast<int32_t>(len);
       int64_t kept = 0, nonfinite = 0;  // nonfinite: TIES may drop an element, so count what its output won't show
       for (int32_t j = 0; j < n32; ++j) {
         const float d = Io<IN>::load(x, s + j) - b[j];
         const uint32_t key = magnitude_key(d);
-        const bool keep = (key > th) | ((key == th) & (j < cut));
+        const bool keep = keep_rule.admits(key, j);
         wd[j] = (d * (keep ? 1.0f : 0.0f)) * wk;
         nonfinite += key >= 0x7f800000u;
         if (bands) {
           kept += keep;
-          const bool above_upper = (key > up) | ((key == up) & (j < up_cut));
-          const bool below_lower = (key < low) | ((key == low) & (j >= low_cut));
-          if (!(above_upper | below_lower)) band->record(k, pack_ranked(key, g0 + j));
+          if (!t.rules[K + k].admits(key, j) && t.rules[2 * K + k].admits(key, j))
+            band->record(k, pack_ranked(key, g0 + j));
         }
       }
       if (bands) band->kept[k] += kept;
