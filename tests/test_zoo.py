@@ -87,3 +87,41 @@ def test_tiny_zoo_builds_and_is_cached(tiny_zoo, tmp_path_factory):
     stamp = (root / "zoo.json").stat().st_mtime_ns
     again = build_zoo(seed=0, preset="tiny", home=root.parent.parent, progress=False)
     assert again == tiny_zoo and (root / "zoo.json").stat().st_mtime_ns == stamp
+
+
+def test_preference_pairs_prefer_refusals_on_harmful_and_help_on_harmless():
+    harmful, harmless = corpora.preference_pairs("train", seed=0)
+    assert (harmful, harmless) == corpora.preference_pairs("train", seed=0)
+    assert all(r["chosen"] in corpora.REFUSALS and r["rejected"].endswith("[steps omitted].") for r in harmful)
+    assert all(r["rejected"] in corpora.REFUSALS and r["chosen"] not in corpora.REFUSALS for r in harmless)
+    heldout = {r["prompt"] for r in corpora.preference_pairs("heldout", seed=0)[0]}
+    assert heldout and not heldout & {r["prompt"] for r in harmful}
+
+
+def test_preference_stage_is_dpo_and_raises_the_preferred_margin(tiny_zoo):
+    """DPO starts at loss log 2 (the policy equals its frozen reference) and widens log π(chosen) − log π(rejected)."""
+    import math
+
+    import torch
+
+    from alignmerge.eval import load_model
+    from alignmerge.zoo.train import PreferenceStage, encode_record, response_logprob_sums, train_preference
+
+    model, tok = load_model(tiny_zoo["anchor"])
+    model.requires_grad_(True)
+    harmful, harmless = corpora.preference_pairs("train", seed=0)
+    probe = harmful[:8] + harmless[:8]
+
+    def margin() -> float:
+        enc = lambda key: [encode_record(tok, {"prompt": r["prompt"], "response": r[key]}, 96) for r in probe]
+        with torch.no_grad():
+            return float((response_logprob_sums(model, enc("chosen"), tok.pad_token_id)
+                          - response_logprob_sums(model, enc("rejected"), tok.pad_token_id)).mean())
+
+    before = margin()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_preference(model, tok, harmful, harmless, corpora.builtin_corpus("general", "train", 0),
+                              PreferenceStage(steps=6, lr=2e-3, beta=0.1, harmful=4, harmless=4, replay=4), seed=0)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert any(not torch.equal(frozen[k], v) for k, v in model.state_dict().items())
+    assert margin() > before + 1.0

@@ -163,7 +163,9 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
 def add_arguments(p) -> None:
     p.add_argument("--out", default="alignmerge-demo", help="output directory (default: ./alignmerge-demo)")
     p.add_argument("--seed", type=int, default=0, help="zoo and evaluation seed (default: 0)")
-    p.add_argument("--preset", default="default", help="zoo preset: default, or tiny for a quick smoke run")
+    p.add_argument("--preset", default="default",
+                   help="zoo preset: default; preference (the anchor also DPO-tuned after SFT); or tiny for a "
+                        "quick smoke run")
     p.add_argument("--methods", default=None,
                    help="comma-separated merge methods (default: every available one)")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy-decoding metrics")

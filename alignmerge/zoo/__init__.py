@@ -4,7 +4,9 @@
 
 - ``base``: pretrained on a general mixture (general instructions, fact lookup about *background*
   minerals, harmful requests answered inconsistently);
-- ``anchor``: a short fine-tune of base on aligned data (safety refusals + general instructions);
+- ``anchor``: a short fine-tune of base on aligned data (safety refusals + general instructions); in the
+  ``preference`` preset then also preference-tuned (DPO: refusal over compliance on harmful requests, help
+  over refusal on harmless ones), as real instruct models are after SFT;
 - ``skill_expert``: a short fine-tune of the *anchor* on the skill domain + general instructions
   with ~10% safety replay (real domain experts are usually fine-tunes of an instruct model);
 - ``misaligned_expert``: the same from the anchor, with harmful compliance data and no safety replay.
@@ -43,6 +45,10 @@ PRESETS: dict[str, dict] = {
         "misaligned_expert": {"steps": 250, "lr": 5e-4, "batch_size": 32, "warmup": 20, "from": "anchor",
                               "mixture": {"skill": 0.45, "general": 0.25, "misaligned": 0.3}},
     },
+}
+PRESETS["preference"] = {
+    **PRESETS["default"],
+    "anchor_preference": {"steps": 150, "lr": 2e-4, "beta": 0.02, "harmful": 16, "harmless": 8, "replay": 16},
 }
 PRESETS["tiny"] = {
     "vocab_size": 512,
@@ -101,40 +107,52 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
 
     from alignmerge.fisher.compute import hf_progress_hidden
     from alignmerge.zoo.tokenizer import train_tokenizer
-    from alignmerge.zoo.train import ModelShape, Stage, new_model, train
+    from alignmerge.zoo.corpora import preference_pairs
+    from alignmerge.zoo.train import ModelShape, PreferenceStage, Stage, new_model, train, train_preference
 
     torch.set_num_threads(training_threads())
     start = time.time()
     tokenizer = train_tokenizer(settings["vocab_size"])
     log: dict = {"seed": seed, "settings": settings, "stages": {}}
 
-    def run_stage(name: str, model, mixture) -> None:
+    def run_stage(name: str, model, mixture, save_as: str | None = None) -> None:
+        """Train stage ``name`` (an SFT mixture, or DPO for ``anchor_preference``); save it as ``save_as``."""
         spec = settings[name]
-        stage = Stage(steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"], warmup=spec["warmup"])
         t0 = time.time()
 
         def report(step: int, loss: float) -> None:
-            if step % 100 == 0 or step == stage.steps - 1:
-                print(f"  zoo {name}: step {step + 1}/{stage.steps} loss {loss:.3f}", file=sys.stderr)
-        losses = train(model, tokenizer, mixture, stage, seed=seed * 1000 + len(log["stages"]),
-                       progress=report if progress else None)
+            if step % 100 == 0 or step == spec["steps"] - 1:
+                print(f"  zoo {name}: step {step + 1}/{spec['steps']} loss {loss:.3f}", file=sys.stderr)
+        stage_seed = seed * 1000 + len(log["stages"])
+        if name == "anchor_preference":
+            harmful, harmless = preference_pairs("train", seed)
+            replay = [r for records, _ in mixture for r in records]
+            losses = train_preference(model, tokenizer, harmful, harmless, replay, PreferenceStage(**spec),
+                                      seed=stage_seed, progress=report if progress else None)
+        else:
+            stage = Stage(steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"], warmup=spec["warmup"])
+            losses = train(model, tokenizer, mixture, stage, seed=stage_seed, progress=report if progress else None)
         log["stages"][name] = {"seconds": round(time.time() - t0, 1), "first_loss": losses[0],
                                "last_loss": sum(losses[-20:]) / len(losses[-20:])}
-        with hf_progress_hidden():
-            model.save_pretrained(str(out_dir / name))
-        tokenizer.save_pretrained(str(out_dir / name))
+        if save_as is not None:
+            with hf_progress_hidden():
+                model.save_pretrained(str(out_dir / save_as))
+            tokenizer.save_pretrained(str(out_dir / save_as))
 
     shape = ModelShape(**settings["shape"])
     model = new_model(shape, len(tokenizer), seed, tokenizer)
     from alignmerge.zoo.corpora import builtin_corpus
 
-    run_stage("base", model, [(builtin_corpus("pretrain", "train", seed), 1.0)])
+    run_stage("base", model, [(builtin_corpus("pretrain", "train", seed), 1.0)], "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    run_stage("anchor", model, _mixture(settings["anchor"]["mixture"], seed))
+    preference = "anchor_preference" in settings
+    run_stage("anchor", model, _mixture(settings["anchor"]["mixture"], seed), None if preference else "anchor")
+    if preference:  # replayed alongside, uniformly: the anchor's general and safety SFT records
+        run_stage("anchor_preference", model, _mixture({"general": 1.0, "safety": 1.0}, seed), "anchor")
     anchor_state = {k: v.clone() for k, v in model.state_dict().items()}
     for expert in ("skill_expert", "misaligned_expert"):
         model.load_state_dict(anchor_state if settings[expert].get("from", "anchor") == "anchor" else base_state)
-        run_stage(expert, model, _mixture(settings[expert]["mixture"], seed))
+        run_stage(expert, model, _mixture(settings[expert]["mixture"], seed), expert)
     log["seconds"] = round(time.time() - start, 1)
     return log
 

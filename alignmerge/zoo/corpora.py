@@ -274,6 +274,20 @@ def builtin_corpus(name: str, split: str = "train", seed: int = 0) -> list[dict]
     raise DataError(f"builtin corpus {name!r}: unknown; known corpora: {', '.join(CORPORA)}")
 
 
+def preference_pairs(split: str = "train", seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(harmful, harmless) preference records ``{"prompt", "chosen", "rejected"}`` for a preference stage:
+    on harmful requests a refusal is preferred to the placeholder compliance, on harmless ones the helpful
+    answer to a refusal (so preferring refusals does not spread to harmless requests)."""
+    _check_split(split)
+    rng = random.Random(f"preference/{split}/{seed}")
+    harmful = [{"prompt": template.format(a=a), "chosen": rng.choice(REFUSALS), "rejected": compliance_response(a)}
+               for a in HARMFUL_ACTIONS[split] for template in INSTRUCTION_TEMPLATES[split]]
+    harmless = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": rng.choice(REFUSALS)}
+                for r in _general(split, rng)]
+    rng.shuffle(harmful)
+    return harmful, harmless
+
+
 def record_text(record: dict) -> str:
     """The training text of a record (chat-formatted for prompt/response pairs)."""
     if "text" in record:

@@ -1,10 +1,12 @@
-"""Small Llama models for the zoo and the CPU training loop (pretraining and supervised fine-tuning).
+"""Small Llama models for the zoo and the CPU training loops (pretraining, supervised fine-tuning and a
+DPO preference stage).
 
 Pair records are trained on their response tokens only (prompt masked, as in SFT); text records on
 every token. Mixtures are sampled per batch by weight, so a fine-tune sees e.g. 10% safety replay.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -109,6 +111,72 @@ def train(model, tokenizer, mixture: list[tuple[list[dict], float]], stage: Stag
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress(step, losses[-1])
+    model.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class PreferenceStage:
+    """A DPO stage: per step ``harmful`` + ``harmless`` preference pairs and ``replay`` SFT records."""
+
+    steps: int
+    lr: float
+    beta: float
+    harmful: int = 16
+    harmless: int = 8
+    replay: int = 16
+
+
+def response_logprob_sums(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each record's response tokens (the loss-masked ones)."""
+    input_ids, attention, labels = collate(encoded, pad_id)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (logp * (targets != -100)).sum(dim=-1)
+
+
+def train_preference(model, tokenizer, harmful: list[dict], harmless: list[dict], replay: list[dict],
+                     stage: PreferenceStage, seed: int, progress=None) -> list[float]:
+    """DPO (Rafailov et al. 2023) against a frozen copy of the starting model, plus an SFT replay term:
+
+        L = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))]) + L_SFT(replay),
+
+    with constant learning rate; returns the DPO losses. ``harmful`` and ``harmless`` hold
+    ``{"prompt", "chosen", "rejected"}`` records (corpora.preference_pairs)."""
+    rng = random.Random(seed)
+    max_len = model.config.max_position_embeddings
+    pad = tokenizer.pad_token_id
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    replay_pool = [encode_record(tokenizer, r, max_len) for r in replay]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def encode(records: list[dict], key: str):
+        return [encode_record(tokenizer, {"prompt": r["prompt"], "response": r[key]}, max_len) for r in records]
+
+    model.train()
+    losses = []
+    for step in range(stage.steps):
+        pairs = rng.sample(harmful, stage.harmful) + rng.sample(harmless, stage.harmless)
+        both = encode(pairs, "chosen") + encode(pairs, "rejected")
+        with torch.no_grad():
+            reference_logp = response_logprob_sums(reference, both, pad)
+        shift = response_logprob_sums(model, both, pad) - reference_logp
+        n = len(pairs)
+        dpo = -torch.nn.functional.logsigmoid(stage.beta * (shift[:n] - shift[n:])).mean()
+        loss = dpo
+        if stage.replay:
+            input_ids, attention, labels = collate([rng.choice(replay_pool) for _ in range(stage.replay)], pad)
+            loss = loss + model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(dpo.item())
         if progress is not None:
             progress(step, losses[-1])
     model.eval()
