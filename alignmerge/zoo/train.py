@@ -68,6 +68,24 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, attention, labels
 
 
+def _optimise(model, optimizer, steps: int, step_loss, progress=None) -> list[float]:
+    """``steps`` optimiser steps on ``step_loss(step)`` → (loss to descend, value to log), the gradient norm
+    clipped at 1; returns the logged values."""
+    model.train()
+    logged = []
+    for step in range(steps):
+        loss, value = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        logged.append(value.item())
+        if progress is not None:
+            progress(step, logged[-1])
+    model.eval()
+    return logged
+
+
 @dataclass(frozen=True)
 class Stage:
     """One training stage: a weighted mixture of record lists, steps, batch size and peak learning rate."""
@@ -95,9 +113,7 @@ def train(model, tokenizer, mixture: list[tuple[list[dict], float]], stage: Stag
         frac = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
         return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    model.train()
-    losses = []
-    for step in range(stage.steps):
+    def step_loss(step: int):
         counts = [0] * len(pools)
         for _ in range(stage.batch_size):
             counts[rng.choices(range(len(pools)), weights)[0]] += 1
@@ -106,15 +122,9 @@ def train(model, tokenizer, mixture: list[tuple[list[dict], float]], stage: Stag
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step, losses[-1])
-    model.eval()
-    return losses
+        return loss, loss
+
+    return _optimise(model, optimizer, stage.steps, step_loss, progress)
 
 
 @dataclass(frozen=True)
@@ -158,9 +168,7 @@ def train_preference(model, tokenizer, harmful: list[dict], harmless: list[dict]
     def encode(records: list[dict], key: str):
         return [encode_record(tokenizer, {"prompt": r["prompt"], "response": r[key]}, max_len) for r in records]
 
-    model.train()
-    losses = []
-    for step in range(stage.steps):
+    def step_loss(step: int):
         pairs = rng.sample(harmful, stage.harmful) + rng.sample(harmless, stage.harmless)
         both = encode(pairs, "chosen") + encode(pairs, "rejected")
         with torch.no_grad():
@@ -172,12 +180,6 @@ def train_preference(model, tokenizer, harmful: list[dict], harmless: list[dict]
         if stage.replay:
             input_ids, attention, labels = collate([rng.choice(replay_pool) for _ in range(stage.replay)], pad)
             loss = loss + model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(dpo.item())
-        if progress is not None:
-            progress(step, losses[-1])
-    model.eval()
-    return losses
+        return loss, dpo
+
+    return _optimise(model, optimizer, stage.steps, step_loss, progress)
