@@ -13,10 +13,14 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignmerge.errors import CheckpointError, ConfigError
 from alignmerge.io.checkpoint import Checkpoint
 from alignmerge.io.safetensors_file import read_header
+
+if TYPE_CHECKING:
+    import torch
 
 STAT_KINDS = ("fisher", "gram")
 MEANS_BLOCK_BYTES = 64 << 20
