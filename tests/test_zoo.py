@@ -1,5 +1,7 @@
 """The demo zoo: deterministic corpora with disjoint splits, the BPE tokenizer, the tiny zoo build."""
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -100,8 +102,6 @@ def test_preference_pairs_prefer_refusals_on_harmful_and_help_on_harmless():
 
 def test_preference_stage_is_dpo_and_raises_the_preferred_margin(tiny_zoo):
     """DPO starts at loss log 2 (the policy equals its frozen reference) and widens log π(chosen) − log π(rejected)."""
-    import math
-
     import torch
 
     from alignmerge.eval import load_model
@@ -125,3 +125,25 @@ def test_preference_stage_is_dpo_and_raises_the_preferred_margin(tiny_zoo):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
     assert any(not torch.equal(frozen[k], v) for k, v in model.state_dict().items())
     assert margin() > before + 1.0
+
+
+def test_a_preset_with_a_preference_stage_saves_the_preference_tuned_anchor(tiny_zoo, tmp_path):
+    """``anchor_preference`` runs DPO after the anchor's SFT and saves its result as ``anchor``; base and the SFT
+    stage are those of the same preset without it, so only the anchor (and the experts from it) move."""
+    from safetensors.torch import load_file
+
+    from alignmerge.zoo import PRESETS
+
+    dpo = {"steps": 6, "lr": 2e-3, "beta": 0.1, "harmful": 4, "harmless": 2, "replay": 4}
+    zoo = build_zoo(seed=0, preset={**PRESETS["tiny"], "anchor_preference": dpo}, home=tmp_path, progress=False)
+    log = json.loads((zoo["anchor"].parent / "zoo.json").read_text())
+    assert list(log["stages"]) == ["base", "anchor", "anchor_preference", "skill_expert", "misaligned_expert"]
+    assert log["stages"]["anchor_preference"]["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert set(zoo) == set(ZOO_MODELS) and not (zoo["anchor"].parent / "anchor_preference").exists()
+
+    def distance(a: Path, b: Path) -> float:
+        x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+        return sum(float((x[k].float() - y[k].float()).norm() ** 2) for k in x) ** 0.5
+
+    # base trains identically (up to thread-count rounding); the saved anchor is the SFT anchor moved by DPO
+    assert distance(zoo["anchor"], tiny_zoo["anchor"]) > 10 * distance(zoo["base"], tiny_zoo["base"])
