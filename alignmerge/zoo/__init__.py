@@ -103,7 +103,9 @@ def _mixture(spec: dict, seed: int) -> list[tuple[list[dict], float]]:
 
 def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -> dict:
     """Train the four zoo models into ``out_dir`` (no caching); returns the build log."""
+    import tokenizers
     import torch
+    import transformers
 
     from alignmerge.fisher.compute import hf_progress_hidden
     from alignmerge.zoo.tokenizer import train_tokenizer
@@ -113,7 +115,10 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
     torch.set_num_threads(training_threads())
     start = time.time()
     tokenizer = train_tokenizer(settings["vocab_size"])
-    log: dict = {"seed": seed, "settings": settings, "stages": {}}
+    # the same code and settings gave a different zoo under a reinstalled environment: record what built it
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "tokenizers": tokenizers.__version__}
+    log: dict = {"seed": seed, "settings": settings, "versions": versions, "stages": {}}
 
     def run_stage(name: str, model, mixture, save_as: str | None = None) -> None:
         """Train stage ``name`` (an SFT mixture, or DPO for ``anchor_preference``); save it as ``save_as``."""
