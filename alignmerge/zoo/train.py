@@ -165,12 +165,16 @@ def train_preference(model, tokenizer, harmful: list[dict], harmless: list[dict]
     replay_pool = [encode_record(tokenizer, r, max_len) for r in replay]
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
-    def encode(records: list[dict], key: str):
-        return [encode_record(tokenizer, {"prompt": r["prompt"], "response": r[key]}, max_len) for r in records]
+    def encode(records: list[dict]) -> list[tuple]:
+        """(chosen, rejected) encodings per record, made once."""
+        return [tuple(encode_record(tokenizer, {"prompt": r["prompt"], "response": r[key]}, max_len)
+                      for key in ("chosen", "rejected")) for r in records]
+
+    harmful_pool, harmless_pool = encode(harmful), encode(harmless)
 
     def step_loss(step: int):
-        pairs = rng.sample(harmful, stage.harmful) + rng.sample(harmless, stage.harmless)
-        both = encode(pairs, "chosen") + encode(pairs, "rejected")
+        pairs = rng.sample(harmful_pool, stage.harmful) + rng.sample(harmless_pool, stage.harmless)
+        both = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
         with torch.no_grad():
             reference_logp = response_logprob_sums(reference, both, pad)
         shift = response_logprob_sums(model, both, pad) - reference_logp
