@@ -106,7 +106,7 @@ def test_preference_stage_is_dpo_and_raises_the_preferred_margin(tiny_zoo):
     import torch
 
     from alignmerge.eval import load_model
-    from alignmerge.zoo.train import PreferenceStage, encode_record, response_logprob_sums, train_preference
+    from alignmerge.zoo.train import PreferenceStage, encode_record, sequence_logprob_sums, train_preference
 
     model, tok = load_model(tiny_zoo["anchor"])
     model.requires_grad_(True)
@@ -116,8 +116,8 @@ def test_preference_stage_is_dpo_and_raises_the_preferred_margin(tiny_zoo):
     def margin() -> float:
         enc = lambda key: [encode_record(tok, {"prompt": r["prompt"], "response": r[key]}, 96) for r in probe]
         with torch.no_grad():
-            return float((response_logprob_sums(model, enc("chosen"), tok.pad_token_id)
-                          - response_logprob_sums(model, enc("rejected"), tok.pad_token_id)).mean())
+            return float((sequence_logprob_sums(model, enc("chosen"), tok.pad_token_id)
+                          - sequence_logprob_sums(model, enc("rejected"), tok.pad_token_id)).mean())
 
     before = margin()
     frozen = {k: v.clone() for k, v in model.state_dict().items()}

@@ -50,6 +50,14 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]):
     return input_ids, attention, response
 
 
+def response_logprob_sums(logits: torch.Tensor, input_ids: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """Σ_t log p(x_t | x_<t) over the positions t where ``response`` is set, per row (teacher forcing: the
+    logits at t − 1 score token t)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logp * response[:, 1:]).sum(dim=1)
+
+
 @torch.no_grad()
 def response_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64):
     """(sum of response-token log-probabilities, response token count) per pair, as two lists."""
@@ -57,13 +65,10 @@ def response_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size
     sums, counts = [], []
     for start in range(0, len(pairs), batch_size):
         input_ids, attention, response = encode_pairs(tokenizer, pairs[start:start + batch_size])
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = input_ids[:, 1:].to(device)
-        token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        mask = response[:, 1:].to(device)
-        sums += (token_logp * mask).sum(dim=1).tolist()
-        counts += mask.sum(dim=1).tolist()
+        input_ids, response = input_ids.to(device), response.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention.to(device)).logits
+        sums += response_logprob_sums(logits, input_ids, response).tolist()
+        counts += response[:, 1:].sum(dim=1).tolist()
     return sums, counts
 
 

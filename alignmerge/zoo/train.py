@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignmerge.eval.metrics import response_logprob_sums
 from alignmerge.zoo.corpora import format_pair
 
 
@@ -139,13 +140,11 @@ class PreferenceStage:
     replay: int = 16
 
 
-def response_logprob_sums(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each record's response tokens (the loss-masked ones)."""
+def sequence_logprob_sums(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each record's response tokens (the loss-masked ones), with gradients."""
     input_ids, attention, labels = collate(encoded, pad_id)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (logp * (targets != -100)).sum(dim=-1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    return response_logprob_sums(logits, input_ids, labels != -100)
 
 
 def train_preference(model, tokenizer, harmful: list[dict], harmless: list[dict], replay: list[dict],
@@ -176,8 +175,8 @@ def train_preference(model, tokenizer, harmful: list[dict], harmless: list[dict]
         pairs = rng.sample(harmful_pool, stage.harmful) + rng.sample(harmless_pool, stage.harmless)
         both = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
         with torch.no_grad():
-            reference_logp = response_logprob_sums(reference, both, pad)
-        shift = response_logprob_sums(model, both, pad) - reference_logp
+            reference_logp = sequence_logprob_sums(reference, both, pad)
+        shift = sequence_logprob_sums(model, both, pad) - reference_logp
         n = len(pairs)
         dpo = -torch.nn.functional.logsigmoid(stage.beta * (shift[:n] - shift[n:])).mean()
         loss = dpo
