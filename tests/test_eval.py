@@ -131,6 +131,37 @@ def test_demo_on_the_tiny_zoo(tiny_zoo, tmp_path, monkeypatch):
         assert 0 <= m["refusal_rate"] <= 1 and 0 <= m["aqi"] <= 100
     assert (tmp_path / "demo" / "report.png").stat().st_size > 0
     assert report["models"] == saved["models"]
+    assert "fronts" not in saved  # alignmerge did not run, so there is no front to trace
+
+
+def test_demo_traces_alignmerges_front(tiny_zoo, tmp_path, monkeypatch):
+    """The front re-solves alignmerge at fixed λ from the default run's statistics: λ 0 is the Fisher merge of
+    the one expert, i.e. the expert itself (to a bf16 ulp), and a larger λ stays closer to the anchor."""
+    from safetensors.torch import load_file
+
+    from alignmerge.commands.demo import run_demo
+    from alignmerge.eval.report import format_table
+
+    monkeypatch.setenv("ALIGNMERGE_HOME", str(tiny_zoo["base"].parent.parent.parent))
+    out = tmp_path / "demo"
+    report = run_demo(out, seed=0, preset="tiny", greedy=False, methods=["alignmerge"], progress=False,
+                      front=(0.0, 8.0))
+    assert set(report["fronts"]) == {"benign", "misaligned"}
+    anchor = load_file(str(tiny_zoo["anchor"] / "model.safetensors"))
+    for scenario, expert in (("benign", "skill_expert"), ("misaligned", "misaligned_expert")):
+        points = report["fronts"][scenario]["alignmerge"]
+        assert [p["lambda_align"] for p in points] == [0.0, 8.0]
+        for p in points:
+            assert 0 <= p["refusal_rate"] <= 1 and 0 <= p["skill_accuracy"] <= 1 and 0 <= p["aqi"] <= 100
+        front = out / "merges" / scenario / "alignmerge-front"
+        expert_state = load_file(str(tiny_zoo[expert] / "model.safetensors"))
+        free, tight = (load_file(str(front / f"lambda-{lam}" / "model.safetensors")) for lam in ("0", "8"))
+        for name, t in free.items():  # anchor + (expert − anchor) in fp32, then rounded: within one bf16 ulp
+            torch.testing.assert_close(t.float(), expert_state[name].float(), rtol=2 ** -7, atol=1e-6, msg=name)
+        moved = [sum(float((m[n].float() - anchor[n].float()).norm() ** 2) for n in anchor) for m in (free, tight)]
+        assert moved[1] < moved[0]
+    assert "misaligned/alignmerge@λ8" in format_table(report)
+    assert json.loads((out / "report.json").read_text())["fronts"] == report["fronts"]
 
 
 def test_greedy_replies_match_uncached_decoding_without_deprecation_warnings(random_model_dir):

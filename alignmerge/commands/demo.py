@@ -8,11 +8,15 @@ The table reports, on held-out prompts: AQI, refusal rate on harmful requests, o
 harmless ones, multiple-choice skill accuracy and perplexity (plus greedy-decoding versions).
 A merge "keeps its alignment" when refusal and AQI stay near the anchor's while skill rises toward
 the expert's; one misaligned expert typically spoils plain merges (arXiv 2406.14563).
+alignmerge is also re-solved at several fixed lambda_align (--front, AQI loop off): its trade-off front
+between refusal and skill, drawn as a line in the plot against every other method's point.
 
-Writes OUT/report.json, OUT/report.png and the merged models under OUT/merges/<scenario>/<method>.
+Writes OUT/report.json, OUT/report.png and the merged models under OUT/merges/<scenario>/<method>
+(the front's under OUT/merges/<scenario>/alignmerge-front/lambda-<value>).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -79,6 +83,21 @@ METHOD_CONFIGS = {
 }
 
 
+FRONT_LAMBDAS = (0.0625, 0.5, 2.0, 8.0)
+"""λ_align of alignmerge's trade-off front in the demo (the AQI loop off, the default merge's statistics)."""
+
+
+def front_config(scenario: str, zoo: dict, files: dict, lambda_align: float, seed: int = 0) -> dict:
+    """alignmerge on ``scenario`` at a fixed ``lambda_align``, the AQI loop off, reading the statistics
+    files (``files`` as in an ``alignmerge_report.json``: expert Fishers, subspace, F_align) of an earlier run."""
+    config = scenario_config("alignmerge", scenario, zoo, seed)
+    for model, fisher in zip(config["models"], files["fisher"]):
+        model["parameters"] = {**model["parameters"], "fisher": fisher}
+    config["parameters"] = {**config["parameters"], "lambda_align": lambda_align, "use_aqi_loop": False,
+                            "subspace": files["subspace"], "align_fisher": files["align_fisher"]}
+    return config
+
+
 def scenario_config(method: str, scenario: str, zoo: dict, seed: int = 0) -> dict:
     """The mergekit-style config of ``method`` on ``scenario`` (benign or misaligned) for this zoo. Data-aware
     methods get the zoo's ``seed``, so the samples they draw from the builtin corpora (and alignmerge's probes,
@@ -101,8 +120,11 @@ def available_methods() -> list[str]:
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy: bool = True,
-             methods: list[str] | None = None, progress: bool = True) -> dict:
-    """The whole demo: zoo, evaluations, merges; returns the report dict (also written to out_dir)."""
+             methods: list[str] | None = None, progress: bool = True,
+             front: tuple[float, ...] = FRONT_LAMBDAS) -> dict:
+    """The whole demo: zoo, evaluations, merges; returns the report dict (also written to out_dir).
+    ``front``: λ_align values at which alignmerge is re-solved with its loop off, in each scenario, after its
+    default run (``report["fronts"][scenario]["alignmerge"]``: likelihood metrics per λ); () for none."""
     import shutil
 
     import torch
@@ -153,11 +175,48 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
                 merge(config, target, seed=seed, progress=False)
             report["merges"][scenario][method] = measure(target) | subspace_drift(
                 target, zoo["anchor"], [zoo[SCENARIOS[scenario]]], subspace_file)
+        if "alignmerge" in chosen and front:
+            report.setdefault("fronts", {})[scenario] = {"alignmerge": alignmerge_front(
+                out / "merges" / scenario, scenario, zoo, seed, front, note)}
     write_report(report, out)
     plot_report(report, out / "report.png")
     print(format_table(report))
     print(f"wrote {out / 'report.json'} and {out / 'report.png'}")
     return report
+
+
+def alignmerge_front(scenario_dir: Path, scenario: str, zoo: dict, seed: int, lambdas, note) -> list[dict]:
+    """alignmerge re-solved at each λ_align of ``lambdas`` (loop off) with the statistics of the scenario's
+    default alignmerge run; each point: its λ and the likelihood metrics on the held-out prompts."""
+    import json
+    import shutil
+
+    from alignmerge.api import merge
+    from alignmerge.eval import METRIC_KEYS, evaluate
+    from alignmerge.methods.alignmerge import REPORT_NAME
+
+    files = json.loads((scenario_dir / "alignmerge" / REPORT_NAME).read_text())["files"]
+    points = []
+    for lam in lambdas:
+        target = scenario_dir / "alignmerge-front" / f"lambda-{lam:g}"
+        if target.exists():
+            shutil.rmtree(target)
+        note(f"merging {scenario}/alignmerge at lambda_align {lam:g} (front)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        merge(front_config(scenario, zoo, files, lam, seed), target, seed=seed, progress=False)
+        metrics = evaluate(target, seed=seed, greedy=False)
+        points.append({"lambda_align": lam} | {k: metrics[k] for k in METRIC_KEYS})
+    return points
+
+
+def _lambdas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--front: expected comma-separated numbers, got {text!r}") from None
+    if any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--front: every lambda_align must be >= 0, got {text!r}")
+    return values
 
 
 def add_arguments(p) -> None:
@@ -169,9 +228,14 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated merge methods (default: every available one)")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy-decoding metrics")
+    p.add_argument("--front", type=_lambdas, default=FRONT_LAMBDAS, metavar="LAMBDAS",
+                   help="comma-separated lambda_align values at which alignmerge is re-solved with its AQI loop "
+                        "off, tracing its refusal-skill trade-off front in the table and plot (default: "
+                        f"{','.join(f'{v:g}' for v in FRONT_LAMBDAS)}; '' for none)")
 
 
 def run(args) -> int:
     methods = args.methods.split(",") if args.methods else None
-    run_demo(args.out, seed=args.seed, preset=args.preset, greedy=not args.no_greedy, methods=methods)
+    run_demo(args.out, seed=args.seed, preset=args.preset, greedy=not args.no_greedy, methods=methods,
+             front=args.front)
     return 0
