@@ -72,7 +72,7 @@ def test_tiny_zoo_builds_and_is_cached(tiny_zoo, tmp_path_factory):
     root = tiny_zoo["base"].parent
     log = json.loads((root / "zoo.json").read_text())
     assert set(log["stages"]) == set(ZOO_MODELS)
-    assert set(log["versions"]) == {"torch", "transformers", "tokenizers"}
+    assert set(log["versions"]) == {"torch", "transformers", "tokenizers", "cpu"}
     for name, path in tiny_zoo.items():
         assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
         model = LlamaForCausalLM.from_pretrained(str(path))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -95,6 +96,26 @@ def training_threads(limit: int = 2) -> int:
     return 1 if busy >= cores - 0.5 else max(1, min(limit, cores))
 
 
+def _cpu_description() -> str:
+    """The CPU model (/proc/cpuinfo: name, family/model/stepping) and the kernels torch dispatches to on it:
+    the same training on another CPU may round differently, so a zoo is bit-identical only on like machines."""
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ident = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return f"{name} ({ident}), torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _mixture(spec: dict, seed: int) -> list[tuple[list[dict], float]]:
     from alignmerge.zoo.corpora import builtin_corpus
 
@@ -115,9 +136,9 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
     torch.set_num_threads(training_threads())
     start = time.time()
     tokenizer = train_tokenizer(settings["vocab_size"])
-    # the same code and settings gave a different zoo under a reinstalled environment: record what built it
+    # the same code and settings gave different zoos in different sessions: record what built it
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "tokenizers": tokenizers.__version__}
+                "tokenizers": tokenizers.__version__, "cpu": _cpu_description()}
     log: dict = {"seed": seed, "settings": settings, "versions": versions, "stages": {}}
 
     def run_stage(name: str, model, mixture, save_as: str | None = None) -> None:
