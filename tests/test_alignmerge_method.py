@@ -42,19 +42,21 @@ def problem(tmp_path):
 
 
 def inputs_for(problem, name, weights=(1.0, 1.0), **overrides):
+    """The method's defaults, but without the anchor term in L_geo unless ``anchor_weight`` is given."""
     params = {**am.AlignMerge.method_parameters, "subspace": str(problem["subspace"]),
-              "align_fisher": str(problem["falign"]), **overrides}
+              "align_fisher": str(problem["falign"]), "anchor_weight": 0.0, **overrides}
     return TensorInputs(name=name, models=[e[name] for e in problem["experts"]],
                         params=[{"weight": w, "fisher": str(f), "data": None}
                                 for w, f in zip(weights, problem["fisher"])],
                         method_params=params, base=problem["anchor"][name])
 
 
-def fisher_merge(problem, name, weights=(1.0, 1.0)):
-    """θ_A + Σ w_k F̂_k Δ_k / Σ w_k F̂_k with F̂ = F / mean F (the merge target δ̄)."""
+def fisher_merge(problem, name, weights=(1.0, 1.0), anchor_weight=0.0):
+    """θ_A + Σ w_k F̂_k Δ_k / (Σ w_k F̂_k + λ_A F̂_align) with F̂ = F / mean F (the merge target δ̄)."""
     from safetensors.torch import load_file
 
-    num = den = 0
+    fa = load_file(str(problem["falign"]))[name].double()
+    num, den = 0, anchor_weight * fa / fa.mean()
     for w, e, f in zip(weights, problem["experts"], problem["fisher"]):
         fh = load_file(str(f))[name].double()
         fh = fh / fh.mean()
@@ -74,6 +76,12 @@ def test_lambda_zero_is_the_fisher_merge(problem):
     for name in (NAME, "b"):
         got = method.merge(inputs_for(problem, name, weights=(1.0, 3.0), lambda_align=0.0), out_dtype=torch.float32)
         torch.testing.assert_close(got.double(), fisher_merge(problem, name, (1.0, 3.0)), rtol=1e-6, atol=1e-6)
+        # the default anchor term: the anchor joins the Fisher merge with F_align as its Fisher
+        aw = am.AlignMerge.method_parameters["anchor_weight"]
+        assert aw > 0
+        got = method.merge(inputs_for(problem, name, weights=(1.0, 3.0), lambda_align=0.0, anchor_weight=aw),
+                           out_dtype=torch.float32)
+        torch.testing.assert_close(got.double(), fisher_merge(problem, name, (1.0, 3.0), aw), rtol=1e-6, atol=1e-6)
 
 
 def test_projected_motion_falls_monotonically_with_lambda(problem):
@@ -208,7 +216,7 @@ def test_cli_merge_with_given_files(family, tmp_path):
     config = {"merge_method": "alignmerge", "anchor": str(family["anchor"]),
               "models": [{"model": str(family["expert"]), "parameters": {"weight": 1.0, "fisher": str(fisher)}}],
               "parameters": {"subspace": str(sub), "align_fisher": str(falign), "lambda_align": 0.0,
-                             "use_aqi_loop": False},
+                             "anchor_weight": 0.0, "use_aqi_loop": False},
               "dtype": "float32"}
     assert am.AlignMerge.prepared(__import__("alignmerge.config", fromlist=["x"]).load_config(config))
     path = tmp_path / "merge.yaml"
@@ -216,7 +224,7 @@ def test_cli_merge_with_given_files(family, tmp_path):
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
     merged = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
     expert = load_file(str(family["expert"] / "model.safetensors"))
-    # one expert at lambda_align = 0: the Fisher merge of one model is that model
+    # one expert at lambda_align = 0 without the anchor term: the Fisher merge of one model is that model
     for name, t in expert.items():
         torch.testing.assert_close(merged[name], t, rtol=1e-5, atol=1e-6)
 
@@ -341,7 +349,7 @@ def test_cli_merge_computes_statistics_and_runs_the_loop(family, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / am.REPORT_NAME).read_text())
-    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.25]
+    assert report["target_met"] and [r["lambda_align"] for r in report["rounds"]] == [0.125]
     assert report["refusal_floor"] is None and report["rounds"][0]["refusal"] is None
     assert any((tmp_path / "out").glob("*.safetensors")) and (tmp_path / "out.alignmerge-cache").is_dir()
 
