@@ -50,7 +50,7 @@ prompt templates that no train-split probe shows: on the demo zoos built 2026-11
 on ``misaligned``, seeds 0-3) it gives 1.000 / 1.000, 1.000 / 1.000, 0.927 / 1.000 and 1.000 / 0.991, where
 the earlier default (no anchor term, λ_align 0.25) gave 0.977 / 1.000, 1.000 / 1.000, 0.873 / 1.000 and
 1.000 / 0.991; its cost is seed 1's over-refusal on ``benign`` (0.027 → 0.156) and one or two skill probes on
-``benign`` (seeds 0, 3). λ_A = 1 keeps more refusals on seed 2 (0.959) at more skill (0.972; seed 0: 0.954).
+``benign`` (seeds 0, 3). λ_A = 1 keeps more refusals on seed 2 (0.959) at a skill cost (0.972; seed 0: 0.954).
 Per-tensor λ (γ=2 or 3) moved an earlier seed-0 zoo to 1.000 / 0.991 but lost seed 2's refusals (0.959 at
 λ = 1 with γ=2: the tied embedding's λ falls 20-fold), so it is off. Earlier runs on seed 0: λ_align = 0 lost
 every refusal (0.04); λ_align = 1 kept them with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both
