@@ -107,6 +107,17 @@ def test_eval_rejects_a_non_model_dir(tmp_path):
         evaluate(tmp_path)
 
 
+@pytest.mark.parametrize("front, message", [("0.5,x", "comma-separated numbers"), ("1,-2", "must be >= 0")])
+def test_demo_rejects_a_bad_front(front, message, capsys):
+    from alignmerge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--front", front])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--front" in err and message in err
+
+
 def test_demo_on_the_tiny_zoo(tiny_zoo, tmp_path, monkeypatch):
     from alignmerge.commands.demo import METHOD_CONFIGS, SCENARIOS, available_methods, run_demo, scenario_config
 

@@ -126,8 +126,6 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
     """The whole demo: zoo, evaluations, merges; returns the report dict (also written to out_dir).
     ``front``: λ_align values at which alignmerge is re-solved with its loop off, in each scenario, after its
     default run (``report["fronts"][scenario]["alignmerge"]``: likelihood metrics per λ); () for none."""
-    import shutil
-
     import torch
 
     from alignmerge.api import merge
@@ -163,11 +161,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy
         compute_subspace(zoo["anchor"], ALIGNMENT_DATA, 16, subspace_file)
     for scenario in SCENARIOS:
         for method in chosen:
-            target = out / "merges" / scenario / method
-            if target.exists():
-                shutil.rmtree(target)
+            target = _fresh(out / "merges" / scenario / method)
             note(f"merging {scenario}/{method}")
-            target.parent.mkdir(parents=True, exist_ok=True)
             config = scenario_config(method, scenario, zoo, seed)
             whole = getattr(METHODS[config["merge_method"]], "run_merge", None)  # stats passes, AQI loop
             if whole is not None:
@@ -190,7 +185,6 @@ def alignmerge_front(scenario_dir: Path, scenario: str, zoo: dict, seed: int, la
     """alignmerge re-solved at each λ_align of ``lambdas`` (loop off) with the statistics of the scenario's
     default alignmerge run; each point: its λ and the likelihood metrics on the held-out prompts."""
     import json
-    import shutil
 
     from alignmerge.api import merge
     from alignmerge.eval import METRIC_KEYS, evaluate
@@ -199,15 +193,22 @@ def alignmerge_front(scenario_dir: Path, scenario: str, zoo: dict, seed: int, la
     files = json.loads((scenario_dir / "alignmerge" / REPORT_NAME).read_text())["files"]
     points = []
     for lam in lambdas:
-        target = scenario_dir / "alignmerge-front" / f"lambda-{lam:g}"
-        if target.exists():
-            shutil.rmtree(target)
+        target = _fresh(scenario_dir / "alignmerge-front" / f"lambda-{lam:g}")
         note(f"merging {scenario}/alignmerge at lambda_align {lam:g} (front)")
-        target.parent.mkdir(parents=True, exist_ok=True)
         merge(front_config(scenario, zoo, files, lam, seed), target, seed=seed, progress=False)
         metrics = evaluate(target, seed=seed, greedy=False)
         points.append({"lambda_align": lam} | {k: metrics[k] for k in METRIC_KEYS})
     return points
+
+
+def _fresh(target: Path) -> Path:
+    """``target`` with an earlier demo's merge there removed and its parent created (merges refuse a non-empty output)."""
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _lambdas(text: str) -> tuple[float, ...]:
