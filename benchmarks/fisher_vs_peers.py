@@ -10,9 +10,11 @@ T tokens, every token after the first scored. Modes:
   backpack   BackPACK SumGradSquared (only if backpack-for-pytorch imports; norms frozen likewise)
 Each mode: one warm-up pass, then --reps timed passes; the table shows the best (least disturbed
 by other load on the machine) and the median. Peak memory is the process's peak RSS during the passes
-(VmHWM, reset just before the first) above its RSS then (model and inputs already built).
+(VmHWM, reset just before the first) above its RSS then (model and inputs already built); with
+--device cuda it is torch.cuda.max_memory_allocated during the passes above the allocation then.
 
   python benchmarks/fisher_vs_peers.py [--layers 4 --width 512 --vocab 4096 --n 16 --t 128 --threads 2]
+                                       [--device cuda]
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ def build(args):
                          num_key_value_heads=args.width // 64, max_position_embeddings=max(256, args.t),
                          tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(args.device)
     ids = torch.randint(0, args.vocab, (args.n, args.t), generator=torch.Generator().manual_seed(1))
-    return model, ids
+    return model, ids.to(args.device)
 
 
 def nll(logits, ids):
@@ -64,7 +66,7 @@ def make_pass(mode, model, ids):
         from alignmerge.fisher.capture import SquaredGradCapture
 
         model.requires_grad_(False)
-        fisher = {k: torch.zeros(p.shape) for k, p in params.items()}
+        fisher = {k: torch.zeros_like(p) for k, p in params.items()}
         cap = SquaredGradCapture(model, fisher).__enter__()
 
         def run():
@@ -73,7 +75,7 @@ def make_pass(mode, model, ids):
             cap.finish_batch()
         return run
     if mode == "loop":
-        fisher = {k: torch.zeros(p.shape) for k, p in params.items()}
+        fisher = {k: torch.zeros_like(p) for k, p in params.items()}
 
         def run():
             for n in range(ids.shape[0]):
@@ -88,7 +90,7 @@ def make_pass(mode, model, ids):
             if "RMSNorm" in type(module).__name__:
                 module.requires_grad_(False)
         trainable = {k: p for k, p in params.items() if p.requires_grad}
-        fisher = {k: torch.zeros(p.shape) for k, p in trainable.items()}
+        fisher = {k: torch.zeros_like(p) for k, p in trainable.items()}
         if mode == "opacus":
             from opacus import GradSampleModule
 
@@ -124,15 +126,23 @@ def child(args) -> None:
     except ImportError as exc:
         print(json.dumps({"mode": args.mode, "skipped": str(exc)}))
         return
-    base = rss_bytes()
-    reset_peak_rss()
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = rss_bytes()
+        reset_peak_rss()
     run()  # warm-up
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
         run()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     n_params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"mode": args.mode, "seconds": min(times), "median": statistics.median(times), "times": times,
                       "peak_extra_bytes": peak - base, "fisher_buffer_bytes": 4 * n_params}))
@@ -147,6 +157,7 @@ def main() -> int:
     parser.add_argument("--t", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on cpu, CUDA allocation on cuda)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
@@ -155,7 +166,7 @@ def main() -> int:
         child(args)
         return 0
     results = []
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("layers", "width", "vocab", "n", "t", "threads", "reps")]
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("layers", "width", "vocab", "n", "t", "threads", "reps", "device")]
     for mode in args.modes.split(","):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
@@ -168,7 +179,7 @@ def main() -> int:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     plain = next((r for r in results if r["mode"] == "plain" and "seconds" in r), None)
     print(f"Llama layers={args.layers} width={args.width} vocab={args.vocab} N={args.n} T={args.t} fp32, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, device {args.device}")
     print(f"{'mode':<10}{'best s':>10}{'x plain':>10}{'median s':>10}{'x plain':>10}{'peak MB':>10}{'- plain MB':>12}")
     for r in results:
         if "seconds" not in r:

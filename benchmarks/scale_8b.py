@@ -2,15 +2,16 @@
 
 Writes base + 2 experts with Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads,
 vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs
-`alignmerge merge` (ties, and any extra --methods given) as its own process and prints wall time (and
+`alignmerge merge` (ties) as its own process and prints wall time (and
 the merge's own time, start-up excluded), bytes read and written, effective GB/s against the memory-copy
 rate measured in the same run, the ceiling on that rate set by the output's file system (alignmerge's
 output writer alone, nothing merged, on 2 GB), and peak RSS; mergekit's ties runs on the same files for
-comparison (at --mergekit-layers), and merge_method alignmerge with synthetic Fisher and subspace files
-(at --alignmerge-layers, under --alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes
-read exclude the Fisher files). With --device cuda the table adds each alignmerge run's peak CUDA
+comparison (at --mergekit-layers), and merge_method alignmerge with its default parameters (anchor term
+and F_align on, AQI loop off) on synthetic expert and alignment Fisher files and a synthetic subspace (at
+--alignmerge-layers, under --alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes read
+exclude the Fisher files, which go to --stats-dir). With --device cuda the table adds each alignmerge run's peak CUDA
 allocation (torch.cuda.max_memory_allocated, as `alignmerge merge` prints it). Disk: 3 x 16 GB for 32
-layers, plus 2 x 32 GB of fp32 Fisher files for alignmerge (--fisher-dtype bfloat16: 2 x 16 GB).
+layers, plus 3 x 32 GB of fp32 Fisher files for alignmerge (--fisher-dtype bfloat16: 3 x 16 GB).
 
     python benchmarks/scale_8b.py --layers 4 8 32
 """
@@ -42,8 +43,9 @@ def ties_config(base: Path, experts: list[Path]) -> dict:
 def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int = 16,
                           fisher_dtype: str = "float32", device: str = "cpu") -> dict:
     """Random stand-ins for the data passes (an 8B forward is out of reach here): per-expert Fisher
-    files (|N(0,1)| + 0.1 in ``fisher_dtype``, streamed tensor by tensor) and an orthonormal rank-r
-    subspace per 2-D layer weight, drawn on ``device``. Returns the alignmerge config."""
+    files and the anchor's alignment Fisher F_align (|N(0,1)| + 0.1 in ``fisher_dtype``, streamed tensor
+    by tensor) and an orthonormal rank-r subspace per 2-D layer weight, drawn on ``device``. Returns the
+    alignmerge config: default parameters with the AQI loop off (it needs a forward pass)."""
     import torch
 
     from alignmerge.io import Checkpoint, OutputTensor, ShardedWriter
@@ -54,8 +56,8 @@ def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int
     gen = torch.Generator(device).manual_seed(1)
     dtype = getattr(torch, fisher_dtype)
     fisher_files = []
-    for k, _expert in enumerate(experts):
-        out = root / f"fisher{k}-{fisher_dtype}"
+    for label in [*(str(k) for k in range(len(experts))), "-align"]:
+        out = root / f"fisher{label}-{fisher_dtype}"
         if not (out / "model.safetensors").exists():
             writer = ShardedWriter(out, [OutputTensor(n, ck.shape(n), dtype) for n in names],
                                    max_shard_bytes=2**62)
@@ -77,8 +79,7 @@ def write_synthetic_stats(root: Path, base: Path, experts: list[Path], rank: int
     return {"merge_method": "alignmerge", "anchor": str(base),
             "models": [{"model": str(e), "parameters": {"weight": 1.0, "fisher": str(f)}}
                        for e, f in zip(experts, fisher_files)],
-            "parameters": {"subspace": str(subspace), "use_align_fisher": False, "use_aqi_loop": False,
-                           "lambda_align": 1.0},
+            "parameters": {"subspace": str(subspace), "align_fisher": str(fisher_files[-1]), "use_aqi_loop": False},
             "dtype": "bfloat16"}
 
 
@@ -111,6 +112,8 @@ def main() -> None:
                          "the embedding and lm_head merge in row chunks")
     ap.add_argument("--fisher-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="storage of the synthetic Fisher files (bfloat16 halves their disk: 2 bytes per parameter)")
+    ap.add_argument("--stats-dir", default=None,
+                    help="where the synthetic Fisher and subspace files go (default: beside the checkpoints)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
 
@@ -143,7 +146,9 @@ def main() -> None:
                                 "--num-threads", str(args.threads)]
         if layers in args.alignmerge_layers:
             am_cfg = root / "alignmerge.yaml"
-            am_cfg.write_text(yaml.safe_dump(write_synthetic_stats(root, base, experts,
+            stats_root = Path(args.stats_dir) / f"L{layers}" if args.stats_dir else root
+            stats_root.mkdir(parents=True, exist_ok=True)
+            am_cfg.write_text(yaml.safe_dump(write_synthetic_stats(stats_root, base, experts,
                                                                    fisher_dtype=args.fisher_dtype,
                                                                    device=args.device)))
             runs["alignmerge-am"] = [sys.executable, "-m", "alignmerge", "merge", str(am_cfg),
@@ -166,6 +171,8 @@ def main() -> None:
                          "written_bytes": written, "peak_rss_gb": rss, "peak_cuda_gb": device_gb, "exit": code})
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+            if args.stats_dir:
+                shutil.rmtree(Path(args.stats_dir) / f"L{layers}", ignore_errors=True)
     print(json.dumps(rows))
 
 
