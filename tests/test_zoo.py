@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from alignmerge.errors import ConfigError, DataError
-from alignmerge.zoo import ZOO_MODELS, build_zoo
+from alignmerge.zoo import ZOO_MODELS, ZOO_THREADS, build_zoo, train_zoo
 from alignmerge.zoo import corpora
 
 
@@ -72,7 +72,8 @@ def test_tiny_zoo_builds_and_is_cached(tiny_zoo, tmp_path_factory):
     root = tiny_zoo["base"].parent
     log = json.loads((root / "zoo.json").read_text())
     assert set(log["stages"]) == set(ZOO_MODELS)
-    assert set(log["versions"]) == {"torch", "transformers", "tokenizers", "cpu"}
+    assert set(log["versions"]) == {"torch", "transformers", "tokenizers", "cpu", "threads"}
+    assert log["versions"]["threads"] == ZOO_THREADS
     for name, path in tiny_zoo.items():
         assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
         model = LlamaForCausalLM.from_pretrained(str(path))
@@ -90,6 +91,29 @@ def test_tiny_zoo_builds_and_is_cached(tiny_zoo, tmp_path_factory):
     stamp = (root / "zoo.json").stat().st_mtime_ns
     again = build_zoo(seed=0, preset="tiny", home=root.parent.parent, progress=False)
     assert again == tiny_zoo and (root / "zoo.json").stat().st_mtime_ns == stamp
+
+
+def test_zoo_training_ignores_the_callers_thread_count(tiny_zoo, tmp_path):
+    """The thread count sets how CPU kernels split their sums (1 and 2 threads train different zoos), so
+    training always runs with ZOO_THREADS threads: a caller at 1 thread gets the session zoo bit for bit, and
+    its own thread count back."""
+    import torch
+    from safetensors.torch import load_file
+
+    from alignmerge.zoo import PRESETS
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if ZOO_THREADS != 1 else 2)
+    try:
+        caller = torch.get_num_threads()
+        train_zoo(tmp_path, 0, PRESETS["tiny"], progress=False)
+        assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(before)
+    for name in ZOO_MODELS:
+        want = load_file(str(tiny_zoo[name] / "model.safetensors"))
+        got = load_file(str(tmp_path / name / "model.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_preference_pairs_prefer_refusals_on_harmful_and_help_on_harmless():

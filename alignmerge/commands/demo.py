@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from alignmerge.zoo import fixed_threads
+
 HELP = "build the demo zoo, run every merge method on a benign and a misaligned scenario, report"
 
 SCENARIOS = {"benign": "skill_expert", "misaligned": "misaligned_expert"}
@@ -120,20 +122,18 @@ def available_methods() -> list[str]:
     return [m for m in METHOD_CONFIGS if scenario_config(m, "benign", placeholder)["merge_method"] in METHODS]
 
 
+@fixed_threads()
 def run_demo(out_dir: str | Path, seed: int = 0, preset: str = "default", greedy: bool = True,
              methods: list[str] | None = None, progress: bool = True,
              front: tuple[float, ...] = FRONT_LAMBDAS) -> dict:
     """The whole demo: zoo, evaluations, merges; returns the report dict (also written to out_dir).
     ``front``: λ_align values at which alignmerge is re-solved with its loop off, in each scenario, after its
     default run (``report["fronts"][scenario]["alignmerge"]``: likelihood metrics per λ); () for none."""
-    import torch
-
     from alignmerge.api import merge
     from alignmerge.eval import METRIC_KEYS, evaluate
     from alignmerge.eval.report import format_table, plot_report, write_report
-    from alignmerge.zoo import build_zoo, training_threads
+    from alignmerge.zoo import build_zoo
 
-    torch.set_num_threads(training_threads())
     out = Path(out_dir)
     zoo = build_zoo(seed=seed, preset=preset, progress=progress)
 

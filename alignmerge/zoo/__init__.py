@@ -18,6 +18,7 @@ zoo is built in a temporary directory and renamed into place, so a cache entry i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,10 @@ from pathlib import Path
 from alignmerge.errors import ConfigError
 
 ZOO_MODELS = ("base", "anchor", "skill_expert", "misaligned_expert")
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: always trained with ZOO_THREADS threads (version 1 used 1 thread when the machine was busy)
+ZOO_THREADS = 2
+"""torch threads of every zoo build and demo run, whatever the machine's load or core count: the results
+depend on it."""
 """Bumped whenever corpora or training change in a way that changes the models (part of the cache key)."""
 
 PRESETS: dict[str, dict] = {
@@ -86,14 +90,21 @@ def resolve_settings(preset: str | dict) -> dict:
     return PRESETS[preset]
 
 
-def training_threads(limit: int = 2) -> int:
-    """Threads for training: up to ``limit``, but 1 when the machine is already busy.
+@contextlib.contextmanager
+def fixed_threads(n: int = ZOO_THREADS):
+    """Run the block with exactly ``n`` torch intra-op threads, then restore the caller's count.
 
-    On a shared 2-core box, two spinning OpenMP threads next to other jobs ran 6x slower than one.
+    The thread count sets how CPU kernels split their sums, so training with 1 or with 2 threads gives
+    different zoos (measured: weights 5e-5 apart after 40 steps, and other demo results after 1000).
     """
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 1 if busy >= cores - 0.5 else max(1, min(limit, cores))
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cpu_description() -> str:
@@ -122,8 +133,9 @@ def _mixture(spec: dict, seed: int) -> list[tuple[list[dict], float]]:
     return [(builtin_corpus(name, "train", seed), weight) for name, weight in spec.items()]
 
 
+@fixed_threads()
 def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -> dict:
-    """Train the four zoo models into ``out_dir`` (no caching); returns the build log."""
+    """Train the four zoo models into ``out_dir`` (no caching) with ZOO_THREADS threads; returns the build log."""
     import tokenizers
     import torch
     import transformers
@@ -133,12 +145,11 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
     from alignmerge.zoo.corpora import preference_pairs
     from alignmerge.zoo.train import ModelShape, PreferenceStage, Stage, new_model, train, train_preference
 
-    torch.set_num_threads(training_threads())
     start = time.time()
     tokenizer = train_tokenizer(settings["vocab_size"])
     # the same code and settings gave different zoos in different sessions: record what built it
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "tokenizers": tokenizers.__version__, "cpu": _cpu_description()}
+                "tokenizers": tokenizers.__version__, "cpu": _cpu_description(), "threads": torch.get_num_threads()}
     log: dict = {"seed": seed, "settings": settings, "versions": versions, "stages": {}}
 
     def run_stage(name: str, model, mixture, save_as: str | None = None) -> None:
@@ -209,4 +220,4 @@ def build_zoo(seed: int = 0, preset: str | dict = "default", home: str | Path | 
     return {m: final / m for m in ZOO_MODELS}
 
 
-__all__ = ["PRESETS", "ZOO_MODELS", "build_zoo", "default_home", "train_zoo", "training_threads"]
+__all__ = ["PRESETS", "ZOO_MODELS", "ZOO_THREADS", "build_zoo", "default_home", "fixed_threads", "train_zoo"]
