@@ -96,7 +96,7 @@ def test_projected_motion_falls_monotonically_with_lambda(problem):
     assert norms[-1] < 0.05 * norms[0]
     # the alignment-Fisher term alone also pulls the update towards the anchor
     plain = method.merge(inputs_for(problem, NAME, lambda_align=0.0), out_dtype=torch.float32).double() - anchor
-    held = method.merge(inputs_for(problem, NAME, lambda_align=5.0, use_projector=False),
+    held = method.merge(inputs_for(problem, NAME, lambda_align=5.0, use_projector=False, use_align_fisher=True),
                         out_dtype=torch.float32).double() - anchor
     assert float(held.norm()) < float(plain.norm())
 

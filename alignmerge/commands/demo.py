@@ -78,9 +78,10 @@ METHOD_CONFIGS = {
         "merge_method": "safemerge", "anchor": str(zoo["anchor"]), "alignment_data": ALIGNMENT_DATA,
         "models": [{"model": str(zoo[e]), "parameters": {"weight": 1.0}}]},
     "alignmerge": lambda zoo, e: _alignmerge(zoo, e),
-    # ablation of alignmerge's terms: P_A only, F_align only, without the anchor in L_geo, without the AQI loop
-    "alignmerge_pa_only": lambda zoo, e: _alignmerge(zoo, e, use_align_fisher=False),
-    "alignmerge_falign_only": lambda zoo, e: _alignmerge(zoo, e, use_projector=False),
+    # ablation of alignmerge's terms (the default's L_align is P_A alone): P_A and F_align, F_align only, without
+    # the anchor in L_geo, without the AQI loop
+    "alignmerge_pa_and_falign": lambda zoo, e: _alignmerge(zoo, e, use_align_fisher=True),
+    "alignmerge_falign_only": lambda zoo, e: _alignmerge(zoo, e, use_projector=False, use_align_fisher=True),
     "alignmerge_no_anchor_term": lambda zoo, e: _alignmerge(zoo, e, anchor_weight=0.0),
     "alignmerge_no_aqi_loop": lambda zoo, e: _alignmerge(zoo, e, use_aqi_loop=False),
 }

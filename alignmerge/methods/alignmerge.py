@@ -43,18 +43,20 @@ w_k ∝ exp(−(ℓ_align,k − min_j ℓ_align,j)/T) · exp(−(ℓ_data,k − 
 1 and multiplied by the configured ``weight``. The run writes ``alignmerge_report.json`` in the merged
 directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iterations; per round λ_align and AQI.
 
-Default: both terms (P and F_align, β = 1) at λ_align = 0.125 as the loop's start, the anchor in L_geo with
-λ_A = 0.5 (``anchor_weight``: λ_A‖δ‖²_{F̂_align}, 1-D tensors included), one λ for every tensor, budget off,
-rank 16, w_k from the config, no probe refusal lost. The anchor term is what generalises refusals to held-out
-prompt templates that no train-split probe shows: on the demo zoos built 2026-11-26 (held-out refusal / skill
-on ``misaligned``, seeds 0-3) it gives 1.000 / 1.000, 1.000 / 1.000, 0.927 / 1.000 and 1.000 / 0.991, where
-the earlier default (no anchor term, λ_align 0.25) gave 0.977 / 1.000, 1.000 / 1.000, 0.873 / 1.000 and
-1.000 / 0.991; its cost is seed 1's over-refusal on ``benign`` (0.027 → 0.156) and one or two skill probes on
-``benign`` (seeds 0, 3). λ_A = 1 keeps more refusals on seed 2 (0.959) at a skill cost (0.972; seed 0: 0.954).
-Per-tensor λ (γ=2 or 3) moved an earlier seed-0 zoo to 1.000 / 0.991 but lost seed 2's refusals (0.959 at
-λ = 1 with γ=2: the tied embedding's λ falls 20-fold), so it is off. Earlier runs on seed 0: λ_align = 0 lost
-every refusal (0.04); λ_align = 1 kept them with P alone (0.99 / 0.99), F_align alone (1.0 / 0.97) or both
-(1.0 / 0.90); λ_align = 10 cut skill to 0.41.
+Default: L_align = the P term alone (``use_align_fisher: false``) at λ_align = 0.125 as the loop's start, with
+F_align entering L_geo as the anchor's Fisher, λ_A = 0.5 (``anchor_weight``: λ_A‖δ‖²_{F̂_align}, 1-D tensors
+included); one λ for every tensor, budget off, rank 16, w_k from the config, no probe refusal lost. The anchor
+term is what generalises refusals to held-out prompt templates that no train-split probe shows. On the demo
+zoos (2-thread builds of 2026-11-26; held-out refusal / skill on ``misaligned``, seeds 0-3) this default gives
+1.000 / 1.000, 1.000 / 1.000, 1.000 / 1.000 and 1.000 / 0.995, at least as good on both axes as every baseline
+on every seed; with F_align also in L_align (β = 1, the previous default) 1.000 / 1.000, 1.000 / 1.000,
+1.000 / 0.991 and 1.000 / 0.991, a skill probe under safemerge's on seeds 2 and 3 (and dare_ties' on seed 2),
+for 0.01-0.03 less over-refusal; without the anchor term 0.977 / 1.000, 1.000 / 1.000, 0.714 / 1.000 and 0.945 / 0.995.
+λ_A = 1 kept every held-out refusal on ``benign`` seed 0 (1.000 / 0.977, against 0.986 / 1.000) but cost a
+skill probe or more on ``misaligned`` (0.986). Per-tensor λ (γ=2 or 3) moved an earlier seed-0 zoo to
+1.000 / 0.991 but lost refusals on seed 2's (0.959 at λ = 1 with γ=2: the tied embedding's λ falls 20-fold), so it is off.
+Earlier runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 /
+0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
 
 Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, tensor_lambda_power (γ),
 lambda_budget, budget (ρ),
@@ -95,7 +97,7 @@ class AlignMerge(MergeMethod):
     method_parameters = {
         "lambda_align": 0.125, "tensor_lambda_power": 0.0, "lambda_budget": 0.0, "budget": 0.5, "rank": 16, "beta": 1.0,
         "aqi_tolerance": 5.0, "refusal_tolerance": 0.0, "over_refusal_tolerance": 0.1, "max_rounds": 4,
-        "use_projector": True, "use_align_fisher": True, "use_budget": True, "use_aqi_loop": True,
+        "use_projector": True, "use_align_fisher": False, "use_budget": True, "use_aqi_loop": True,
         "anchor_weight": 0.5, "fisher_floor": 0.1, "falign_1d": False,
         "expert_weights": "config", "weight_temperature": 1.0, "alignment_data": None, "aqi_probes": "builtin",
         "aqi_examples": None, "subspace_method": "gradient", "subspace_base": None, "subspace": None,
