@@ -211,7 +211,8 @@ class MergekitAdapter(GroupMergeMethod):
 
 def _prepared_hint(method: str) -> str:
     return {"alignmerge": " (alignmerge: use_aqi_loop: false, fisher: <file> per model, subspace: <file> unless "
-                          "use_projector: false, align_fisher: <file> if use_align_fisher: true or anchor_weight > 0 (the default))"}.get(method, "")
+                          "use_projector: false, align_fisher: <file> if use_align_fisher: true or anchor_weight > 0 "
+                          "(the default))"}.get(method, "")
 
 
 def _writer_hint(kind: str) -> str:

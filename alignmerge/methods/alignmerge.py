@@ -51,10 +51,11 @@ zoos (2-thread builds of 2026-11-26; held-out refusal / skill on ``misaligned``,
 1.000 / 1.000, 1.000 / 1.000, 1.000 / 1.000 and 1.000 / 0.995, at least as good on both axes as every baseline
 on every seed; with F_align also in L_align (β = 1, the previous default) 1.000 / 1.000, 1.000 / 1.000,
 1.000 / 0.991 and 1.000 / 0.991, a skill probe under safemerge's on seeds 2 and 3 (and dare_ties' on seed 2),
-for 0.01-0.03 less over-refusal; without the anchor term 0.977 / 1.000, 1.000 / 1.000, 0.714 / 1.000 and 0.945 / 0.995.
-λ_A = 1 kept every held-out refusal on ``benign`` seed 0 (1.000 / 0.977, against 0.986 / 1.000) but cost a
-skill probe or more on ``misaligned`` (0.986). Per-tensor λ (γ=2 or 3) moved an earlier seed-0 zoo to
-1.000 / 0.991 but lost refusals on seed 2's (0.959 at λ = 1 with γ=2: the tied embedding's λ falls 20-fold), so it is off.
+for 0.01-0.03 less over-refusal; without the anchor term 0.977 / 1.000, 1.000 / 1.000, 0.714 / 1.000 and
+0.945 / 0.995. λ_A = 1 kept every held-out refusal on ``benign`` seed 0 (1.000 / 0.977, against 0.986 / 1.000)
+but cost a skill probe or more on ``misaligned`` (0.986). Per-tensor λ (γ=2 or 3) moved an earlier seed-0 zoo
+to 1.000 / 0.991 but lost refusals on seed 2's (0.959 at λ = 1 with γ=2: the tied embedding's λ falls
+20-fold), so it is off.
 Earlier runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 /
 0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
 

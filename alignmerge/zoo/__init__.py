@@ -32,11 +32,12 @@ from pathlib import Path
 from alignmerge.errors import ConfigError
 
 ZOO_MODELS = ("base", "anchor", "skill_expert", "misaligned_expert")
-ZOO_VERSION = 2  # 2: always trained with ZOO_THREADS threads (version 1 used 1 thread when the machine was busy)
+ZOO_VERSION = 2
+"""Bumped whenever corpora or training change in a way that changes the models (part of the cache key);
+2: always trained with ZOO_THREADS threads (1 used one thread when the machine was busy)."""
 ZOO_THREADS = 2
 """torch threads of every zoo build and demo run, whatever the machine's load or core count: the results
 depend on it."""
-"""Bumped whenever corpora or training change in a way that changes the models (part of the cache key)."""
 
 PRESETS: dict[str, dict] = {
     "default": {
@@ -147,7 +148,7 @@ def train_zoo(out_dir: Path, seed: int, settings: dict, progress: bool = True) -
 
     start = time.time()
     tokenizer = train_tokenizer(settings["vocab_size"])
-    # the same code and settings gave different zoos in different sessions: record what built it
+    # record what built it: thread count, CPU kernels and library versions all change the rounding
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__, "cpu": _cpu_description(), "threads": torch.get_num_threads()}
     log: dict = {"seed": seed, "settings": settings, "versions": versions, "stages": {}}
