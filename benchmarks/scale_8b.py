@@ -1,17 +1,17 @@
 """8B-scale streaming: three checkpoints with Llama-3-8B shapes through the streaming executor.
 
 Writes base + 2 experts with Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads,
-vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs
-`alignmerge merge` (ties) as its own process and prints wall time (and
-the merge's own time, start-up excluded), bytes read and written, effective GB/s against the memory-copy
-rate measured in the same run, the ceiling on that rate set by the output's file system (alignmerge's
-output writer alone, nothing merged, on 2 GB), and peak RSS; mergekit's ties runs on the same files for
-comparison (at --mergekit-layers), and merge_method alignmerge with its default parameters (anchor term
-and F_align on, AQI loop off) on synthetic expert and alignment Fisher files and a synthetic subspace (at
---alignmerge-layers, under --alignmerge-max-memory; tool "alignmerge-am" in the table; its bytes read
-exclude the Fisher files, which go to --stats-dir). With --device cuda the table adds each alignmerge run's peak CUDA
-allocation (torch.cuda.max_memory_allocated, as `alignmerge merge` prints it). Disk: 3 x 16 GB for 32
-layers, plus 3 x 32 GB of fp32 Fisher files for alignmerge (--fisher-dtype bfloat16: 3 x 16 GB).
+vocabulary 128256; random bf16; --layers to shorten), then for each layer count in --layers runs `alignmerge
+merge` (ties) as its own process and prints wall time (and the merge's own time, start-up excluded), bytes
+read and written, effective GB/s against the memory-copy rate measured in the same run, the ceiling on that
+rate set by the output's file system (alignmerge's output writer alone, nothing merged, on 2 GB), and peak
+RSS; mergekit's ties runs on the same files for comparison (at --mergekit-layers), and merge_method
+alignmerge with its default parameters (AQI loop off) on synthetic expert and alignment Fisher files and a
+synthetic subspace (at --alignmerge-layers, under --alignmerge-max-memory; tool "alignmerge-am" in the
+table; its bytes read exclude the Fisher files, which go to --stats-dir). With --device cuda the table adds
+each alignmerge run's peak CUDA allocation (torch.cuda.max_memory_allocated, as `alignmerge merge` prints
+it). Disk: 3 x 16 GB for 32 layers, plus 3 x 32 GB of fp32 Fisher files for alignmerge (--fisher-dtype
+bfloat16: 3 x 16 GB).
 
     python benchmarks/scale_8b.py --layers 4 8 32
 """

@@ -147,7 +147,7 @@ def test_merge_on_cuda_equals_the_cpu_merge(llamas, tmp_path, method):
 @pytest.mark.parametrize("terms", ["default", "projector_only"])
 def test_alignmerge_on_cuda_matches_cpu(tmp_path, terms):
     """merge_method alignmerge (Fisher files, subspace, CG solves) on the GPU within 1e-4 of the CPU solve: with
-    the default terms (F_align, the anchor in L_geo) and with the projector term alone."""
+    the default terms (P in L_align, the anchor in L_geo with F_align as its Fisher) and with P alone."""
     from safetensors.torch import load_file, save_file
 
     from alignmerge import merge
