@@ -13,12 +13,17 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from alignmerge.errors import DataError
 
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI can read STATS_SAMPLES cheaply
+    import torch
+
 BUILTIN_PREFIX = "builtin:"
+STATS_SAMPLES = 256
+"""Records a statistics pass reads by default (Fisher, Gram, subspace, expert weights): on the demo zoos 64
+left a noisy F_align and subspace (one held-out refusal lost on seed 0 `benign`; see the README)."""
 
 
 def load_records(src: str | Path, *, max_samples: int | None = None) -> list[dict]:
@@ -147,6 +152,8 @@ def tokenize_records(records: list[dict], tokenizer, *, max_length: int, bos_id:
     the plain concatenation prompt + response; only the response tokens and EOS are scored.
     BOS/EOS are added only when their ids are known.
     """
+    import torch
+
     if on_long not in ("truncate", "error"):
         raise DataError(f"on_long must be 'truncate' or 'error', not {on_long!r}")
     if max_length < 2:
@@ -194,6 +201,8 @@ def pad_batch(seqs: list[TokenizedSequence], pad_id: int = 0) -> tuple[torch.Ten
     With right padding and a causal model, padded positions never influence real ones and,
     being unscored, receive zero output gradients, so no attention mask is needed.
     """
+    import torch
+
     T = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     scored = torch.zeros((len(seqs), T), dtype=torch.bool)

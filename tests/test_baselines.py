@@ -84,6 +84,15 @@ def test_mergealign_is_the_fisher_formula_on_given_fishers(tmp_path):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("name", ["fisher", "regmean", "mergealign", "safemerge", "alignmerge"])
+def test_data_aware_methods_read_the_same_number_of_records_by_default(name):
+    """The demo compares alignmerge with the data-aware baselines: their statistics come from equally many records."""
+    from alignmerge.data import STATS_SAMPLES
+    from alignmerge.fisher.stats import COMPUTE_OPTIONS
+
+    assert get_method(name).method_parameters["samples"] == STATS_SAMPLES == COMPUTE_OPTIONS["samples"]
+
+
 def test_mixed_records_keep_the_fraction_interleaved():
     task = [{"prompt": f"t{i}", "response": "x"} for i in range(10)]
     align = [{"prompt": f"a{i}", "response": "y"} for i in range(10)]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from alignmerge.data import STATS_SAMPLES
+
 HELP = "compute the anchor's alignment subspace (gradient or delta estimator) as safetensors"
 
 
@@ -26,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["gradient", "delta"], default="gradient",
                         help="per-sample alignment-loss gradients (default) or SVD of anchor - base")
     parser.add_argument("--base", default=None, help="base model directory (for --method delta)")
-    parser.add_argument("--samples", type=int, default=64, help="use the first N records (default 64)")
+    parser.add_argument("--samples", type=int, default=STATS_SAMPLES,
+                        help=f"use the first N records (default {STATS_SAMPLES})")
     parser.add_argument("--max-length", type=int, default=256, help="longest sequence in tokens (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward/backward (default 8)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")

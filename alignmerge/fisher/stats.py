@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignmerge.data import STATS_SAMPLES
 from alignmerge.errors import CheckpointError, ConfigError
 from alignmerge.io.checkpoint import Checkpoint
 from alignmerge.io.safetensors_file import read_header
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 STAT_KINDS = ("fisher", "gram")
 MEANS_BLOCK_BYTES = 64 << 20
 # method parameters steering the computation of missing files, with defaults
-COMPUTE_OPTIONS = {"fisher_kind": "empirical", "samples": 64, "max_length": 256, "batch_size": 8,
+COMPUTE_OPTIONS = {"fisher_kind": "empirical", "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8,
                    "stats_device": "cpu", "seed": 0}
 
 

@@ -45,19 +45,16 @@ directory: per weight drift ‖P(δ)‖/‖P(δ̄)‖, budget violation, CG iter
 
 Default: L_align = the P term alone (``use_align_fisher: false``) at λ_align = 0.125 as the loop's start, with
 F_align entering L_geo as the anchor's Fisher, λ_A = 0.5 (``anchor_weight``: λ_A‖δ‖²_{F̂_align}, 1-D tensors
-included); one λ for every tensor, budget off, rank 16, w_k from the config, no probe refusal lost. The anchor
-term is what generalises refusals to held-out prompt templates that no train-split probe shows. On the demo
-zoos (2-thread builds of 2026-11-26; held-out refusal / skill on ``misaligned``, seeds 0-3) this default gives
-1.000 / 1.000, 1.000 / 1.000, 1.000 / 1.000 and 1.000 / 0.995, at least as good on both axes as every baseline
-on every seed; with F_align also in L_align (β = 1, the previous default) 1.000 / 1.000, 1.000 / 1.000,
-1.000 / 0.991 and 1.000 / 0.991, a skill probe under safemerge's on seeds 2 and 3 (and dare_ties' on seed 2),
-for 0.01-0.03 less over-refusal; without the anchor term 0.977 / 1.000, 1.000 / 1.000, 0.714 / 1.000 and
-0.945 / 0.995. λ_A = 1 kept every held-out refusal on ``benign`` seed 0 (1.000 / 0.977, against 0.986 / 1.000)
-but cost a skill probe or more on ``misaligned`` (0.986). Per-tensor λ (γ=2 or 3) moved an earlier seed-0 zoo
-to 1.000 / 0.991 but lost refusals on seed 2's (0.959 at λ = 1 with γ=2: the tied embedding's λ falls
-20-fold), so it is off.
-Earlier runs on seed 0: λ_align = 0 lost every refusal (0.04); λ_align = 1 kept them with P alone (0.99 /
-0.99), F_align alone (1.0 / 0.97) or both (1.0 / 0.90); λ_align = 10 cut skill to 0.41.
+included); one λ for every tensor, budget off, rank 16, w_k from the config, no probe refusal lost, statistics
+from 256 records (``samples``). The anchor term is what generalises refusals to held-out prompt templates that
+no train-split probe shows. On the demo zoos (2-thread builds of 2026-11-26; held-out refusal / skill on
+``misaligned``, seeds 0-4) this default gives 1.000 / 1.000, 1.000 / 1.000, 1.000 / 1.000, 1.000 / 0.995 and
+1.000 / 0.995: at least as good on both axes as every baseline on seeds 0-3, one skill probe under dare_ties',
+safemerge's and mergealign's 1.000 on seed 4 (which keep no refusal); without the anchor term 0.977, 1.000,
+0.723, 0.945 and 0.623 refusal; with F_align also in L_align (β = 1) the same refusals at 0.981-0.995 skill.
+With 64 records for the statistics, ``benign`` seed 0 lost one held-out refusal (0.986 / 1.000). Per-tensor λ
+(γ=2 or 3) moved an earlier seed-0 zoo to 1.000 / 0.991 but lost refusals on seed 2's (0.959 at λ = 1 with
+γ=2: the tied embedding's λ falls 20-fold), so it is off.
 
 Parameters (defaults in ``AlignMerge.method_parameters``): lambda_align, tensor_lambda_power (γ),
 lambda_budget, budget (ρ),
@@ -79,6 +76,7 @@ from pathlib import Path
 
 import torch
 
+from alignmerge.data import STATS_SAMPLES
 from alignmerge.errors import AlignMergeError, ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, merged_result, register
 from alignmerge.methods.fisher import FisherTotals, expert_fisher
@@ -104,7 +102,7 @@ class AlignMerge(MergeMethod):
         "aqi_examples": None, "subspace_method": "gradient", "subspace_base": None, "subspace": None,
         "align_fisher": None,
         "diagnostics": None, "cg_tol": 1e-6, "cg_max_iter": 500,
-        "fisher_kind": "empirical", "samples": 64, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
+        "fisher_kind": "empirical", "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
         "seed": 0,
     }
     stats = ("fisher",)
@@ -317,7 +315,7 @@ def prepare_anchor_files(config, work_dir: Path, *, need_subspace: bool, need_fa
     return files
 
 
-def mean_loglik(model_dir, data, *, samples: int | None = 64, max_length: int = 256, batch_size: int = 8) -> float:
+def mean_loglik(model_dir, data, *, samples: int | None = STATS_SAMPLES, max_length: int = 256, batch_size: int = 8) -> float:
     """Mean per-token log-likelihood of the scored (response) tokens of ``data`` under the model."""
     from alignmerge.fisher.compute import load_model, make_batches, prepare_sequences
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from alignmerge import ops
+from alignmerge.data import STATS_SAMPLES
 from alignmerge.errors import ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, register
 
@@ -90,7 +91,7 @@ class FisherTotals:
 class FisherMerge(MergeMethod):
     name = "fisher"
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
-    method_parameters = {"epsilon": 1e-6, "normalize_fisher": False, "fisher_kind": "empirical", "samples": 64,
+    method_parameters = {"epsilon": 1e-6, "normalize_fisher": False, "fisher_kind": "empirical", "samples": STATS_SAMPLES,
                          "max_length": 256, "batch_size": 8, "stats_device": "cpu", "seed": 0}
     stats = ("fisher",)
     elementwise = True

@@ -20,6 +20,7 @@ import json
 
 import torch
 
+from alignmerge.data import STATS_SAMPLES
 from alignmerge.errors import ConfigError
 from alignmerge.methods import MergeMethod, TensorInputs, append_diagnostics, merged_result, register
 
@@ -46,7 +47,7 @@ class SafeMerge(MergeMethod):
     model_parameters = {"weight": 1.0}
     method_parameters = {"threshold": 0.5, "alpha": 0.5, "subspace": None, "rank": 16,
                          "subspace_method": "gradient", "alignment_data": None, "diagnostics": None,
-                         "samples": 64, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
+                         "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
                          "fisher_kind": "empirical", "seed": 0}
 
     def __init__(self):
