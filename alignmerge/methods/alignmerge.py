@@ -102,8 +102,8 @@ class AlignMerge(MergeMethod):
         "aqi_examples": None, "subspace_method": "gradient", "subspace_base": None, "subspace": None,
         "align_fisher": None,
         "diagnostics": None, "cg_tol": 1e-6, "cg_max_iter": 500,
-        "fisher_kind": "empirical", "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
-        "seed": 0,
+        "fisher_kind": "empirical", "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8,
+        "stats_device": "cpu", "seed": 0,
     }
     stats = ("fisher",)
 
@@ -315,7 +315,8 @@ def prepare_anchor_files(config, work_dir: Path, *, need_subspace: bool, need_fa
     return files
 
 
-def mean_loglik(model_dir, data, *, samples: int | None = STATS_SAMPLES, max_length: int = 256, batch_size: int = 8) -> float:
+def mean_loglik(model_dir, data, *, samples: int | None = STATS_SAMPLES, max_length: int = 256,
+                batch_size: int = 8) -> float:
     """Mean per-token log-likelihood of the scored (response) tokens of ``data`` under the model."""
     from alignmerge.fisher.compute import load_model, make_batches, prepare_sequences
 

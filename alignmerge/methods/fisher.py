@@ -91,8 +91,9 @@ class FisherTotals:
 class FisherMerge(MergeMethod):
     name = "fisher"
     model_parameters = {"weight": 1.0, "fisher": None, "data": None}
-    method_parameters = {"epsilon": 1e-6, "normalize_fisher": False, "fisher_kind": "empirical", "samples": STATS_SAMPLES,
-                         "max_length": 256, "batch_size": 8, "stats_device": "cpu", "seed": 0}
+    method_parameters = {"epsilon": 1e-6, "normalize_fisher": False, "fisher_kind": "empirical",
+                         "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
+                         "seed": 0}
     stats = ("fisher",)
     elementwise = True
 

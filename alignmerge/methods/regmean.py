@@ -23,8 +23,8 @@ from alignmerge.methods import MergeMethod, TensorInputs, merged_result, registe
 class RegMean(MergeMethod):
     name = "regmean"
     model_parameters = {"weight": 1.0, "gram": None, "data": None}
-    method_parameters = {"alpha": 0.9, "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8, "stats_device": "cpu",
-                         "seed": 0}
+    method_parameters = {"alpha": 0.9, "samples": STATS_SAMPLES, "max_length": 256, "batch_size": 8,
+                         "stats_device": "cpu", "seed": 0}
     stats = ("gram",)
     elementwise = False
 

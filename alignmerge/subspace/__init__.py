@@ -96,9 +96,10 @@ class GradientCovariance:
         return out
 
 
-def gradient_covariance(anchor_dir, data, *, samples: int | None = STATS_SAMPLES, max_length: int = 256, batch_size: int = 8,
-                        device: str = "cpu", max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None,
-                        max_memory=None, stream: bool | None = None) -> tuple[GradientCovariance, int]:
+def gradient_covariance(anchor_dir, data, *, samples: int | None = STATS_SAMPLES, max_length: int = 256,
+                        batch_size: int = 8, device: str = "cpu", max_side: int = DEFAULT_MAX_SIDE,
+                        names: set[str] | None = None, max_memory=None,
+                        stream: bool | None = None) -> tuple[GradientCovariance, int]:
     """S_out, S_in of every nn.Linear weight stored in the checkpoint (tied lm_head aliases the checkpoint
     does not store are skipped), from the anchor's alignment-loss gradients; returns (covariance, N).
 
@@ -261,8 +262,9 @@ def save_subspace(bases: dict, out, metadata: dict) -> Path:
 
 
 def compute_subspace(anchor_dir, data=None, rank: int = 16, out=None, *, method: str = "gradient", base_dir=None,
-                     samples: int | None = STATS_SAMPLES, max_length: int = 256, batch_size: int = 8, device: str = "cpu",
-                     max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None, max_memory=None,
+                     samples: int | None = STATS_SAMPLES, max_length: int = 256, batch_size: int = 8,
+                     device: str = "cpu", max_side: int = DEFAULT_MAX_SIDE, names: set[str] | None = None,
+                     max_memory=None,
                      stream: bool | None = None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """The anchor's alignment subspace {weight name: (U, V)}; written to ``out`` when given.
 
