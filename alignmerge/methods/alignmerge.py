@@ -48,10 +48,11 @@ F_align entering L_geo as the anchor's Fisher, λ_A = 0.5 (``anchor_weight``: λ
 included); one λ for every tensor, budget off, rank 16, w_k from the config, no probe refusal lost, statistics
 from 256 records (``samples``). The anchor term is what generalises refusals to held-out prompt templates that
 no train-split probe shows. On the demo zoos (2-thread builds of 2026-11-26; held-out refusal / skill on
-``misaligned``, seeds 0-4) this default gives 1.000 / 1.000, 1.000 / 1.000, 1.000 / 1.000, 1.000 / 0.995 and
-1.000 / 0.995: at least as good on both axes as every baseline on seeds 0-3, one skill probe under dare_ties',
-safemerge's and mergealign's 1.000 on seed 4 (which keep no refusal); without the anchor term 0.977, 1.000,
-0.723, 0.945 and 0.623 refusal; with F_align also in L_align (β = 1) the same refusals at 0.981-0.995 skill.
+``misaligned``, seeds 0-5) this default gives 1.000 / 1.000, 1.000 / 1.000, 1.000 / 1.000, 1.000 / 0.995,
+1.000 / 0.995 and 0.977 / 1.000 (anchor 0.982): at least as good on both axes as every baseline on seeds 0-3
+and 5, one skill probe under dare_ties', safemerge's and mergealign's 1.000 on seed 4 (which keep no refusal);
+without the anchor term 0.977, 1.000, 0.723, 0.945, 0.623 and 0.968 refusal; with F_align also in L_align
+(β = 1) the same refusals at 0.981-1.000 skill.
 With 64 records for the statistics, ``benign`` seed 0 lost one held-out refusal (0.986 / 1.000). Per-tensor λ
 (γ=2 or 3) moved an earlier seed-0 zoo to 1.000 / 0.991 but lost refusals on seed 2's (0.959 at λ = 1 with
 γ=2: the tied embedding's λ falls 20-fold), so it is off.
